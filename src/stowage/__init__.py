@@ -1,0 +1,3 @@
+"""stowage: a container-image cache for Kubernetes."""
+
+__version__ = "0.1.0"
