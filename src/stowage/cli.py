@@ -1,0 +1,276 @@
+"""The ``stowage`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import platform as host_platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from stowage import __version__
+from stowage.oci.manifest import Platform
+from stowage.oci.reference import InvalidReference, encode_registry, parse_reference
+from stowage.settings import ConfigError, Settings, load_settings
+from stowage.upstream.auth import AuthFileError
+
+F = TypeVar("F", bound=Callable[..., Any])
+FIELDS = Settings.model_fields
+
+
+def _help(name: str) -> str:
+    field = FIELDS[name]
+    default = (
+        "" if field.default_factory or field.default is None else f" [default: {field.default}]"
+    )
+    return f"{field.description}{default} [env: STOWAGE_{name.upper()}]"
+
+
+def _config_option(f: F) -> F:
+    return click.option(
+        "--config",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar="STOWAGE_CONFIG",
+        help="YAML file of options (keys as the long flags, e.g. tag-ttl: 60). "
+        "[env: STOWAGE_CONFIG]",
+    )(f)
+
+
+def _data_option(f: F) -> F:
+    return click.option(
+        "--data", type=click.Path(path_type=Path, file_okay=False), help=_help("data")
+    )(f)
+
+
+def _settings(**flags: Any) -> Settings:
+    try:
+        return load_settings(**flags)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="stowage")
+def main() -> None:
+    """stowage: a container-image cache for Kubernetes."""
+
+
+@main.command()
+@click.option("--listen", metavar="HOST:PORT", help=_help("listen"))
+@_data_option
+@_config_option
+@click.option(
+    "--insecure-registry", multiple=True, metavar="HOST[:PORT]", help=_help("insecure_registry")
+)
+@click.option(
+    "--auth-file", type=click.Path(path_type=Path, dir_okay=False), help=_help("auth_file")
+)
+@click.option("--ca-file", type=click.Path(path_type=Path, dir_okay=False), help=_help("ca_file"))
+@click.option("--tag-ttl", type=float, metavar="SECONDS", help=_help("tag_ttl"))
+@click.option("--default-registry", metavar="HOST", help=_help("default_registry"))
+@click.option("--connect-timeout", type=float, metavar="SECONDS", help=_help("connect_timeout"))
+@click.option("--read-timeout", type=float, metavar="SECONDS", help=_help("read_timeout"))
+@click.option("--log-format", type=click.Choice(["plain", "json"]), help=_help("log_format"))
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help=_help("log_level"),
+)
+def serve(config: Path | None, **flags: Any) -> None:
+    """Run the pull-through caching registry proxy.
+
+    Pull through it host-prefixed (localhost:7439/ghcr.io/org/app:1, a port
+    written host-port) or name it as containerd's mirror in hosts.toml.
+    """
+    from stowage import logs
+    from stowage.proxy.server import run
+
+    settings = _settings(config_file=config, **flags)
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        run(settings)
+    except AuthFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot serve on {settings.listen} with data {settings.data}: {exc.strerror or exc}"
+        ) from None
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and manage the cache in a data directory."""
+
+
+def _open(data: Path | None, config: Path | None) -> tuple[Any, Any]:
+    from stowage.store.index import open_index
+
+    settings = _settings(config_file=config, data=data)
+    if not (settings.data / "index.db").exists():
+        raise click.ClickException(f"no stowage cache in {settings.data} (use --data)")
+    return open_index(settings.data)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@cache.command("ls")
+@_data_option
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def cache_ls(data: Path | None, config: Path | None, as_json: bool) -> None:
+    """List cached images: repository, tag, digest, size, last used."""
+    _, index = _open(data, config)
+    rows = index.images()
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "registry": r.registry,
+                        "repository": r.repository,
+                        "tag": r.tag,
+                        "digest": r.digest,
+                        "media_type": r.media_type,
+                        "size": r.size,
+                        "last_used": dt.datetime.fromtimestamp(r.last_access, dt.UTC).isoformat(),
+                    }
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
+        return
+    table = Table("IMAGE", "TAG", "DIGEST", "SIZE", "LAST USED", box=None)
+    for r in rows:
+        used = dt.datetime.fromtimestamp(r.last_access).strftime("%Y-%m-%d %H:%M")
+        table.add_row(
+            f"{r.registry}/{r.repository}", r.tag or "<none>", r.digest[:19], _size(r.size), used
+        )
+    Console().print(table)
+
+
+@cache.command("rm")
+@click.argument("image")
+@_data_option
+@_config_option
+def cache_rm(image: str, data: Path | None, config: Path | None) -> None:
+    """Remove IMAGE (name:tag or name@digest) and the content only it used."""
+    from stowage.oci.digest import Digest
+
+    store, index = _open(data, config)
+    try:
+        ref = parse_reference(image)
+    except InvalidReference as exc:
+        raise click.UsageError(str(exc)) from None
+    removed = index.remove_image(ref.registry, ref.repository, ref.tag, ref.digest)
+    freed = 0
+    for digest in removed:
+        parsed = Digest.parse(digest)
+        freed += store.size(parsed) or 0
+        store.remove(parsed)
+    index.close()
+    if not removed and not any(
+        r.registry == ref.registry and r.repository == ref.repository for r in index.images()
+    ):
+        click.echo(f"{ref} was not cached")
+    click.echo(f"removed {ref}: {len(removed)} files, {_size(freed)} freed")
+
+
+@cache.command("stats")
+@_data_option
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def cache_stats(data: Path | None, config: Path | None, as_json: bool) -> None:
+    """Hits, misses, stale serves and bytes served from cache."""
+    _, index = _open(data, config)
+    stats = {**index.stats(), "cache_size": index.total_size(), "images": len(index.images())}
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    table = Table("STAT", "VALUE", box=None)
+    for name, value in stats.items():
+        shown = _size(value) if name.startswith(("bytes", "cache_size")) else str(value)
+        table.add_row(name.replace("_", " "), shown)
+    Console().print(table)
+
+
+def _host_platform() -> str:
+    machine = host_platform.machine().lower()
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
+    return f"linux/{arch}"
+
+
+@cache.command("warm")
+@click.argument("image")
+@click.option(
+    "--url",
+    default="http://127.0.0.1:7439",
+    show_default=True,
+    help="Address of the running stowage to fill.",
+)
+@click.option(
+    "--platform",
+    "platform_",
+    default=_host_platform,
+    show_default="host platform",
+    metavar="OS/ARCH[/VARIANT]",
+    help="Platform to fetch from a multi-arch index.",
+)
+def cache_warm(image: str, url: str, platform_: str) -> None:
+    """Fill the cache with IMAGE by pulling it through a running stowage."""
+    from stowage.pull import PullError, pull
+
+    try:
+        ref = parse_reference(image)
+        plat = Platform.parse(platform_)
+    except (InvalidReference, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    name = f"{encode_registry(ref.registry)}/{ref.repository}"
+    base = url.rstrip("/")
+
+    async def go() -> None:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=Console(stderr=True),
+        ) as progress:
+            task = progress.add_task(str(ref), total=None)
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=60)) as s:
+                result = await pull(
+                    s,
+                    base,
+                    name,
+                    ref.ref or "latest",
+                    plat,
+                    on_manifest=lambda total: progress.update(task, total=total),
+                    on_bytes=lambda n: progress.advance(task, n),
+                )
+        click.echo(
+            f"cached {ref} ({result.manifest_digest}): {len(result.blobs)} blobs, "
+            f"{_size(result.total_bytes)} in {result.seconds:.1f}s"
+        )
+
+    try:
+        asyncio.run(go())
+    except PullError as exc:
+        raise click.ClickException(str(exc)) from None
+    except aiohttp.ClientError as exc:
+        raise click.ClickException(f"cannot reach stowage at {url}: {exc}") from None
+    except TimeoutError:
+        raise click.ClickException(f"stowage at {url} timed out") from None

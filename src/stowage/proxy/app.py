@@ -1,0 +1,448 @@
+"""The caching registry proxy: aiohttp application and request handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+import structlog
+from aiohttp import hdrs, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from stowage.oci.digest import Digest, InvalidDigest, UnsupportedDigest, is_digest
+from stowage.oci.manifest import InvalidManifest, parse_manifest
+from stowage.oci.reference import is_valid_tag
+from stowage.proxy.errors import OCIError
+from stowage.proxy.fill import DigestMismatch, Fill, Fills
+from stowage.proxy.metrics import Metrics
+from stowage.proxy.routing import Route, parse_route
+from stowage.store.blobs import BlobStore
+from stowage.store.index import Index, ManifestEntry
+from stowage.upstream.client import (
+    Upstream,
+    UpstreamDenied,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamNotFound,
+    UpstreamUnavailable,
+)
+
+log = structlog.get_logger("stowage.proxy")
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+BLOB_TYPE = "application/octet-stream"
+MANIFEST_MEMORY = 32 * 1024 * 1024  # bytes of manifests kept in memory
+CHUNK = 1024 * 1024
+FLUSH_INTERVAL = 5.0
+
+
+@dataclass(slots=True)
+class ProxyConfig:
+    default_registry: str = "docker.io"
+    tag_ttl: float = 300.0
+    known_registries: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    digest: str
+
+
+@dataclass(slots=True)
+class _Flights:
+    """Single-flight for manifest fetches: one upstream request per key."""
+
+    running: dict[tuple[str, str, str], asyncio.Future[Manifest]] = field(default_factory=dict)
+
+    async def run(
+        self, key: tuple[str, str, str], fetch: Callable[[], Awaitable[Manifest]]
+    ) -> Manifest:
+        fut = self.running.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(fetch())
+            self.running[key] = fut
+            fut.add_done_callback(lambda _: self.running.pop(key, None))
+        # Shielded: a client that goes away does not cancel the others' fetch.
+        return await asyncio.shield(fut)
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        store: BlobStore,
+        index: Index,
+        upstream: Upstream,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.index = index
+        self.upstream = upstream
+        self.metrics = metrics
+        self.fills = Fills(store, index, upstream, metrics.fills_in_flight.set)
+        self._flights = _Flights()
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._manifest_bytes = 0
+
+    # -- dispatch ------------------------------------------------------------
+
+    async def handle_v2(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
+            raise OCIError(
+                405,
+                "UNSUPPORTED",
+                f"{request.method} is not supported: stowage is a read-only cache",
+                headers={"Allow": "GET, HEAD"},
+            )
+        tail = request.match_info["tail"]
+        if tail == "":
+            request["route"] = "base"
+            return web.json_response({}, headers=API_VERSION)
+        raw = request.raw_path.split("?", 1)[0].lower()
+        if "%2f" in raw or "%5c" in raw or "\\" in tail or "/../" in f"/{tail}/":
+            raise OCIError(400, "NAME_INVALID", "encoded slashes and dot segments are not allowed")
+        route = parse_route(
+            tail,
+            request.query.get("ns"),
+            self.config.default_registry,
+            self.config.known_registries,
+        )
+        request["route"] = route.kind
+        resp: web.StreamResponse
+        try:
+            if route.kind == "manifests":
+                resp = await self._manifest(request, route)
+            elif route.kind == "blobs":
+                resp = await self._blob(request, route)
+            else:
+                resp = await self._tags(request, route)
+        except UpstreamError as exc:
+            raise self._upstream_error(exc, route) from exc
+        if route.mirror:
+            resp.headers["OCI-Namespace"] = route.registry
+        return resp
+
+    def _upstream_error(self, exc: UpstreamError, route: Route) -> OCIError:
+        where = f"{route.registry}/{route.repository}"
+        if isinstance(exc, UpstreamNotFound):
+            code = {"manifests": "MANIFEST_UNKNOWN", "blobs": "BLOB_UNKNOWN"}.get(
+                route.kind, "NAME_UNKNOWN"
+            )
+            return OCIError(404, code, f"{where}: {exc}")
+        if isinstance(exc, UpstreamDenied):
+            return OCIError(403, "DENIED", f"{where}: {exc}")
+        if isinstance(exc, DigestMismatch):
+            self.metrics.digest_mismatches.labels(route.registry).inc()
+            return OCIError(502, "DIGEST_INVALID", str(exc))
+        if isinstance(exc, UpstreamUnavailable) and exc.status == 429:
+            headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
+            return OCIError(429, "TOOMANYREQUESTS", f"{exc} and nothing is cached", headers)
+        if isinstance(exc, UpstreamInvalid) and exc.status == 413:
+            return OCIError(413, "MANIFEST_INVALID", str(exc))
+        suffix = " and nothing is cached" if isinstance(exc, UpstreamUnavailable) else ""
+        return OCIError(502, "UNAVAILABLE", f"{exc}{suffix}")
+
+    # -- manifests -----------------------------------------------------------
+
+    async def _manifest(self, request: web.Request, route: Route) -> web.Response:
+        ref = route.reference
+        if is_digest(ref):
+            digest = _parse_digest(ref)
+            entry = self.index.manifest(str(digest))
+            cached = self._load_manifest(entry) if entry else None
+            if cached is not None:
+                request["result"] = "hit"
+                return self._manifest_response(request, cached, "cache")
+            manifest = await self._fetch_manifest(route, str(digest), digest)
+            request["result"] = "miss"
+            return self._manifest_response(request, manifest, "upstream")
+
+        if not is_valid_tag(ref):
+            raise OCIError(400, "TAG_INVALID", f"invalid tag {ref!r}")
+        tag = self.index.tag(route.registry, route.repository, ref)
+        cached = None
+        if tag is not None:
+            entry = self.index.manifest(tag.digest)
+            cached = self._load_manifest(entry) if entry else None
+        if cached is None:
+            manifest = await self._fetch_manifest(route, ref, None)
+            request["result"] = "miss"
+            return self._manifest_response(request, manifest, "upstream")
+        assert tag is not None
+        if time.time() - tag.validated < self.config.tag_ttl:
+            request["result"] = "hit"
+            return self._manifest_response(request, cached, "cache")
+        try:
+            manifest = await self._revalidate(route, ref, cached)
+        except (UpstreamUnavailable, UpstreamNotFound, UpstreamDenied, UpstreamInvalid) as exc:
+            log.warning(
+                "serving stale manifest",
+                image=f"{route.registry}/{route.repository}:{ref}",
+                reason=str(exc),
+            )
+            request["result"] = "stale"
+            return self._manifest_response(request, cached, "cache")
+        changed = manifest is not cached
+        request["result"] = "miss" if changed else "hit"
+        return self._manifest_response(request, manifest, "upstream" if changed else "cache")
+
+    async def _revalidate(self, route: Route, tag: str, cached: Manifest) -> Manifest:
+        """HEAD the tag (free against pull quotas); fetch only if it moved."""
+        head = await self.upstream.head_manifest(route.registry, route.repository, tag)
+        if head.digest == cached.digest:
+            self.index.set_tag(route.registry, route.repository, tag, cached.digest)
+            return cached
+        return await self._fetch_manifest(route, tag, None)
+
+    async def _fetch_manifest(self, route: Route, ref: str, expected: Digest | None) -> Manifest:
+        key = (route.registry, route.repository, ref)
+        return await self._flights.run(key, lambda: self._fetch_manifest_once(route, ref, expected))
+
+    async def _fetch_manifest_once(
+        self, route: Route, ref: str, expected: Digest | None
+    ) -> Manifest:
+        fetched = await self.upstream.fetch_manifest(route.registry, route.repository, ref)
+        algorithm = expected.algorithm if expected else "sha256"
+        digest = Digest.of(fetched.body, algorithm)
+        if expected is not None and digest != expected:
+            raise DigestMismatch(
+                route.registry, f"manifest {expected} arrived with digest {digest}", status=502
+            )
+        if (
+            fetched.digest
+            and fetched.digest.startswith(f"{algorithm}:")
+            and fetched.digest != str(digest)
+        ):
+            raise DigestMismatch(
+                route.registry,
+                f"manifest {route.repository}:{ref} has digest {digest}, "
+                f"upstream claimed {fetched.digest}",
+                status=502,
+            )
+        try:
+            media_type, refs = parse_manifest(fetched.body, fetched.content_type)
+        except InvalidManifest as exc:
+            raise UpstreamInvalid(route.registry, f"invalid manifest: {exc}", status=502) from exc
+        content_type = fetched.content_type.split(";", 1)[0].strip() or media_type
+        if content_type in ("application/json", "text/plain"):
+            content_type = media_type
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.store.write, digest, fetched.body
+        )
+        self.index.add_manifest(
+            route.registry,
+            route.repository,
+            str(digest),
+            content_type,
+            len(fetched.body),
+            [(r.digest, r.kind) for r in refs],
+        )
+        if expected is None:
+            self.index.set_tag(route.registry, route.repository, ref, str(digest))
+        manifest = Manifest(fetched.body, content_type, str(digest))
+        self._remember(manifest)
+        return manifest
+
+    def _load_manifest(self, entry: ManifestEntry) -> Manifest | None:
+        manifest = self._manifests.get(entry.digest)
+        if manifest is not None:
+            self._manifests.move_to_end(entry.digest)
+            return manifest
+        digest = Digest.parse(entry.digest)
+        body = self.store.read(digest)
+        # Verified on every read from disk: a corrupted file is a miss, never served.
+        if body is None or Digest.of(body, digest.algorithm) != digest:
+            if body is not None:
+                log.error("cached manifest corrupted; removing", digest=entry.digest)
+                self.store.remove(digest)
+            return None
+        manifest = Manifest(body, entry.media_type, entry.digest)
+        self._remember(manifest)
+        return manifest
+
+    def _remember(self, manifest: Manifest) -> None:
+        if manifest.digest in self._manifests:
+            return
+        self._manifests[manifest.digest] = manifest
+        self._manifest_bytes += len(manifest.body)
+        while self._manifest_bytes > MANIFEST_MEMORY:
+            _, old = self._manifests.popitem(last=False)
+            self._manifest_bytes -= len(old.body)
+
+    def _manifest_response(self, request: web.Request, m: Manifest, source: str) -> web.Response:
+        if request.method == hdrs.METH_GET:
+            request["bytes"] = (source, len(m.body))
+        return web.Response(
+            body=m.body,
+            headers={
+                hdrs.CONTENT_TYPE: m.media_type,
+                "Docker-Content-Digest": m.digest,
+                hdrs.ETAG: f'"{m.digest}"',
+                **API_VERSION,
+            },
+        )
+
+    # -- blobs ---------------------------------------------------------------
+
+    async def _blob(self, request: web.Request, route: Route) -> web.StreamResponse:
+        digest = _parse_digest(route.reference)
+        headers = {"Docker-Content-Digest": str(digest), **API_VERSION}
+        path = self.store.path(digest)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            size = None
+        if size is not None:
+            request["result"] = "hit"
+            self.index.touch_blob(str(digest))
+            if request.method == hdrs.METH_GET:
+                request["bytes"] = ("cache", _served_length(request, size))
+            # sendfile, Range and HEAD handled by aiohttp.
+            return web.FileResponse(
+                path, chunk_size=CHUNK, headers={hdrs.CONTENT_TYPE: BLOB_TYPE, **headers}
+            )
+
+        request["result"] = "miss"
+        fill = self.fills.get(digest)
+        if request.method == hdrs.METH_HEAD and fill is None:
+            upstream = await self.upstream.open_blob(
+                route.registry, route.repository, str(digest), method="HEAD"
+            )
+            upstream.release()
+            head = web.Response(headers={hdrs.CONTENT_TYPE: BLOB_TYPE, **headers})
+            if upstream.content_length is not None:
+                head.content_length = upstream.content_length
+            return head
+        if fill is None:
+            fill = self.fills.start(digest, route.registry, route.repository)
+        await fill.ready()
+        return await self._stream_fill(request, fill, headers)
+
+    async def _stream_fill(
+        self, request: web.Request, fill: Fill, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Send a blob from a fill in progress, as far as it is written."""
+        size = fill.size
+        start, end = 0, size
+        status = 200
+        if size is not None and request.headers.get(hdrs.RANGE):
+            try:
+                rng = request.http_range
+            except ValueError:
+                rng = slice(None, None)
+            if rng.start is not None or rng.stop is not None:
+                start, stop = _resolve_range(rng, size)
+                if start >= size or start >= stop:
+                    raise OCIError(
+                        416,
+                        "BLOB_UNKNOWN",
+                        "requested range not satisfiable",
+                        headers={hdrs.CONTENT_RANGE: f"bytes */{size}"},
+                    )
+                end = stop
+                status = 206
+                headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
+        resp = web.StreamResponse(status=status, headers={hdrs.CONTENT_TYPE: BLOB_TYPE, **headers})
+        if end is not None:
+            resp.content_length = end - start
+        await resp.prepare(request)
+        if request.method == hdrs.METH_HEAD:
+            return resp
+        assert fill.path is not None
+        fd = os.open(fill.path, os.O_RDONLY)
+        offset = start
+        try:
+            while end is None or offset < end:
+                available = fill.readable()
+                if end is not None:
+                    available = min(available, end)
+                if offset < available:
+                    data = os.pread(fd, min(CHUNK, available - offset), offset)
+                    if not data:
+                        break
+                    offset += len(data)
+                    self.metrics.bytes_served.labels("upstream").inc(len(data))
+                    self.index.bump("bytes_from_upstream", len(data))
+                    await resp.write(data)
+                elif fill.error is not None:
+                    # Cut the connection: the client sees a short body and retries.
+                    log.warning(
+                        "fill failed under a client", digest=str(fill.digest), error=str(fill.error)
+                    )
+                    request["result"] = "error"
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return resp
+                elif fill.done:
+                    break
+                else:
+                    await fill.wait()
+        except (ConnectionResetError, asyncio.CancelledError):
+            # The client left; the fill goes on for the others.
+            request["result"] = "miss"
+            raise
+        finally:
+            os.close(fd)
+        await resp.write_eof()
+        return resp
+
+    # -- tags ----------------------------------------------------------------
+
+    async def _tags(self, request: web.Request, route: Route) -> web.Response:
+        try:
+            query = urlencode([(k, v) for k, v in request.query.items() if k in ("n", "last")])
+            _, content_type, body = await self.upstream.tags(
+                route.registry, route.repository, query
+            )
+            request["result"] = "miss"
+            return web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type, **API_VERSION})
+        except UpstreamUnavailable:
+            tags = self.index.tags_of(route.registry, route.repository)
+            if not tags:
+                raise
+            request["result"] = "stale"
+            return web.json_response({"name": route.repository, "tags": tags}, headers=API_VERSION)
+
+    # -- operations ----------------------------------------------------------
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        self.metrics.cache_size.set(self.index.total_size())
+        return web.Response(
+            body=generate_latest(self.metrics.registry),
+            headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST},
+        )
+
+
+def _parse_digest(value: str) -> Digest:
+    try:
+        return Digest.parse(value)
+    except UnsupportedDigest as exc:
+        raise OCIError(400, "DIGEST_INVALID", str(exc)) from exc
+    except InvalidDigest as exc:
+        raise OCIError(400, "DIGEST_INVALID", str(exc)) from exc
+
+
+def _served_length(request: web.Request, size: int) -> int:
+    if not request.headers.get(hdrs.RANGE):
+        return size
+    try:
+        start, stop = _resolve_range(request.http_range, size)
+    except ValueError:
+        return size
+    return max(0, stop - start)
+
+
+def _resolve_range(rng: slice, size: int) -> tuple[int, int]:
+    """aiohttp's single-range slice as [start, stop) within the blob."""
+    start, stop = rng.start or 0, rng.stop
+    if start < 0:  # suffix range "bytes=-N": the last N bytes
+        return max(0, size + start), size
+    return start, size if stop is None else min(stop, size)

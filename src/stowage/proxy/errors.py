@@ -1,0 +1,25 @@
+"""OCI distribution error responses."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+class OCIError(Exception):
+    """An error answered as ``{"errors": [{"code", "message"}]}``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        # aiohttp omits the body of a HEAD response and keeps its length.
+        body = json.dumps({"errors": [{"code": self.code, "message": self.message}]}).encode()
+        return web.Response(
+            status=self.status, body=body, content_type="application/json", headers=self.headers
+        )

@@ -1,0 +1,59 @@
+"""Prometheus metrics of one proxy instance."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+
+# The *_created series only add noise to every scrape.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "stowage_requests",
+            "Requests answered, by route and result (hit, miss, stale, error).",
+            ["route", "result"],
+            registry=self.registry,
+        )
+        self.bytes_served = Counter(
+            "stowage_bytes_served",
+            "Bytes of manifests and blobs sent to clients, by source (cache, upstream).",
+            ["source"],
+            registry=self.registry,
+        )
+        self.upstream_requests = Counter(
+            "stowage_upstream_requests",
+            "Requests sent to upstream registries, by registry and status "
+            "(HTTP status, or timeout/unreachable/error).",
+            ["registry", "status"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "stowage_upstream_errors",
+            "Upstream failures, by registry and reason.",
+            ["registry", "reason"],
+            registry=self.registry,
+        )
+        self.fills_in_flight = Gauge(
+            "stowage_fills_in_flight",
+            "Blob downloads from upstream in progress.",
+            registry=self.registry,
+        )
+        self.cache_size = Gauge(
+            "stowage_cache_size_bytes",
+            "Bytes of verified content in the cache.",
+            registry=self.registry,
+        )
+        self.digest_mismatches = Counter(
+            "stowage_digest_mismatches",
+            "Upstream content rejected because it did not match its digest.",
+            ["registry"],
+            registry=self.registry,
+        )
+
+    def on_upstream(self, registry: str, status: str) -> None:
+        self.upstream_requests.labels(registry, status).inc()
+        if not status.isdigit() or int(status) >= 500 or status == "429":
+            self.upstream_errors.labels(registry, status).inc()

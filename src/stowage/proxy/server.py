@@ -1,0 +1,161 @@
+"""Assemble the proxy from settings and run it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from stowage.proxy.app import Proxy, ProxyConfig
+from stowage.proxy.errors import OCIError
+from stowage.proxy.metrics import Metrics
+from stowage.settings import Settings
+from stowage.store.index import open_index
+from stowage.upstream.auth import load_auth_file
+from stowage.upstream.client import Upstream, UpstreamConfig
+
+log = structlog.get_logger("stowage.server")
+
+FLUSH_INTERVAL = 5.0
+STAT_OF_RESULT = {"hit": "hits", "miss": "misses", "stale": "stale", "error": "errors"}
+
+
+def build_app(settings: Settings) -> web.Application:
+    credentials = load_auth_file(settings.auth_file) if settings.auth_file else {}
+    store, index = open_index(settings.data)
+    swept = store.sweep_temp()
+    dropped, adopted = index.reconcile(store)
+    log.info(
+        "cache opened",
+        data=str(settings.data),
+        size=index.total_size(),
+        temp_files_swept=swept,
+        rows_dropped=dropped,
+        blobs_adopted=adopted,
+    )
+    metrics = Metrics()
+    upstream = Upstream(
+        UpstreamConfig(
+            insecure=frozenset(settings.insecure_registry),
+            credentials=credentials,
+            ca_file=settings.ca_file,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+        ),
+        metrics.on_upstream,
+    )
+    known = frozenset({*settings.insecure_registry, *credentials, settings.default_registry})
+    proxy = Proxy(
+        ProxyConfig(settings.default_registry, settings.tag_ttl, known),
+        store,
+        index,
+        upstream,
+        metrics,
+    )
+    app = web.Application(middlewares=[_middleware(proxy)])
+    app.router.add_route("*", "/v2", proxy.handle_v2)
+    app.router.add_route("*", "/v2/{tail:.*}", proxy.handle_v2)
+    app.router.add_get("/metrics", proxy.metrics_handler)
+    app.router.add_get("/healthz", _ok)
+    app.router.add_get("/readyz", _ok)
+    app.cleanup_ctx.append(_lifecycle(proxy))
+    return app
+
+
+def _lifecycle(proxy: Proxy):  # type: ignore[no-untyped-def]
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await proxy.upstream.start()
+        flusher = asyncio.create_task(_flush_periodically(proxy))
+        yield
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await proxy.fills.close()
+        await proxy.upstream.close()
+        proxy.index.close()
+
+    return ctx
+
+
+async def _flush_periodically(proxy: Proxy) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL)
+        try:
+            proxy.index.flush()
+        except Exception as exc:  # a busy or full disk must not stop serving
+            log.warning("index flush failed", error=str(exc))
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+def _middleware(proxy: Proxy):  # type: ignore[no-untyped-def]
+    metrics, index = proxy.metrics, proxy.index
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        try:
+            resp = await handler(request)
+        except OCIError as exc:
+            resp = exc.response()
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                resp = OCIError(404, "NOT_FOUND", f"no route for {request.path}").response()
+            elif exc.status == 405:
+                resp = OCIError(405, "UNSUPPORTED", f"{request.method} not allowed").response()
+            else:
+                raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            _log_request(request, 499, start)
+            raise
+        except Exception:
+            log.exception("unhandled error", method=request.method, path=request.path)
+            resp = OCIError(500, "UNKNOWN", "internal error; see the stowage log").response()
+        route = request.get("route")
+        if route is not None:
+            result = request.get("result") or ("error" if resp.status >= 400 else "ok")
+            if resp.status >= 400 and route != "base":
+                result = "error"
+            metrics.requests.labels(route, result).inc()
+            if result in STAT_OF_RESULT:
+                index.bump(STAT_OF_RESULT[result])
+            request["result"] = result
+        if request.method == "GET" and resp.status in (200, 206) and "bytes" in request:
+            source, amount = request["bytes"]
+            metrics.bytes_served.labels(source).inc(amount)
+            index.bump(f"bytes_from_{source}", amount)
+        _log_request(request, resp.status, start)
+        return resp
+
+    return middleware
+
+
+def _log_request(request: web.Request, status: int, start: float) -> None:
+    log.info(
+        "request",
+        method=request.method,
+        path=request.path,
+        ns=request.query.get("ns"),
+        status=status,
+        result=request.get("result"),
+        duration_ms=round((time.perf_counter() - start) * 1000, 2),
+        remote=request.remote,
+    )
+
+
+def run(settings: Settings) -> None:
+    host, port = settings.host_port
+    app = build_app(settings)
+    log.info(
+        "serving",
+        listen=settings.listen,
+        default_registry=settings.default_registry,
+        tag_ttl=settings.tag_ttl,
+    )
+    web.run_app(app, host=host, port=port, access_log=None, print=None)

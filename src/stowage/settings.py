@@ -1,0 +1,153 @@
+"""Configuration: command-line flags win over STOWAGE_* environment variables,
+which win over the YAML config file, which wins over the defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from stowage.oci.reference import is_valid_registry, normalize_registry
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot be used; the message names the problem."""
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "stowage"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STOWAGE_", extra="forbid")
+
+    listen: str = Field("127.0.0.1:7439", description="Address to serve on, HOST:PORT.")
+    data: Path = Field(
+        default_factory=default_data_dir,
+        description="Data directory: blobs, manifests and the index "
+        "(default $XDG_DATA_HOME/stowage or ~/.local/share/stowage).",
+    )
+    insecure_registry: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Upstream reached over plain HTTP, HOST[:PORT]; repeatable "
+        "(comma-separated in the environment).",
+    )
+    auth_file: Path | None = Field(
+        None, description="Docker config.json-style file with upstream credentials."
+    )
+    ca_file: Path | None = Field(
+        None, description="Extra CA bundle (PEM) trusted for upstream TLS, besides the system CAs."
+    )
+    tag_ttl: float = Field(
+        300.0, ge=0, description="Seconds a cached tag is served without asking upstream."
+    )
+    default_registry: str = Field(
+        "docker.io", description="Registry for names with neither host prefix nor ns."
+    )
+    connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to an upstream.")
+    read_timeout: float = Field(
+        30.0, gt=0, description="Seconds to wait for upstream bytes before giving up on it."
+    )
+    log_format: Literal["plain", "json"] = Field("plain", description="Log line format.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level logged."
+    )
+
+    @field_validator("insecure_registry", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("insecure_registry")
+    @classmethod
+    def _registries(cls, value: list[str]) -> list[str]:
+        return [_registry(v) for v in value]
+
+    @field_validator("default_registry")
+    @classmethod
+    def _default_registry(cls, value: str) -> str:
+        return _registry(value)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        split_listen(value)
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_listen(self.listen)
+
+
+def _registry(value: str) -> str:
+    host = normalize_registry(value.strip())
+    if "://" in host or not is_valid_registry(host):
+        raise ValueError(f"{value!r} is not a registry HOST[:PORT]")
+    return host
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Settings from flags (None = not given), environment and config file."""
+    if config_file is None and os.environ.get("STOWAGE_CONFIG"):
+        config_file = Path(os.environ["STOWAGE_CONFIG"])
+    file_values = _read_yaml(config_file) if config_file else {}
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
+
+    class _Layered(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+
+    try:
+        return _Layered(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not readable YAML: {exc}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path} must be a mapping of option: value")
+    values = {str(k).replace("-", "_"): v for k, v in doc.items()}
+    unknown = sorted(set(values) - set(Settings.model_fields))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
+    return values

@@ -1,0 +1,406 @@
+"""Metadata index in an embedded SQLite database.
+
+Files are the truth for content; the index records what they are (manifests,
+their media types and references), which tags point where and when they were
+last validated, and usage. Rows are written only after their file is in place,
+and start-up reconciliation drops rows whose file is gone, so an index entry
+never exists without its file.
+
+Hot lookups (tag -> digest, manifest metadata) are answered from memory; the
+memory copy is dropped whenever another process (``stowage cache rm``) commits
+to the database, which SQLite reports through ``PRAGMA data_version``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from stowage.store.blobs import BlobStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_access REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS manifests (
+    digest TEXT PRIMARY KEY,
+    media_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_access REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS manifest_refs (
+    parent TEXT NOT NULL,
+    child TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    PRIMARY KEY (parent, child)
+);
+CREATE TABLE IF NOT EXISTS repo_manifests (
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (registry, repository, digest)
+);
+CREATE TABLE IF NOT EXISTS tags (
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    validated REAL NOT NULL,
+    last_access REAL NOT NULL,
+    PRIMARY KEY (registry, repository, tag)
+);
+CREATE TABLE IF NOT EXISTS stats (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+STAT_NAMES = ("hits", "misses", "stale", "errors", "bytes_from_cache", "bytes_from_upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class TagEntry:
+    digest: str
+    validated: float
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestEntry:
+    digest: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRow:
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str
+    media_type: str
+    size: int
+    last_access: float
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL: a crash of the process loses nothing committed; only
+        # power loss can drop the last commits, never corrupt the file.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(SCHEMA)
+        self._tags: dict[tuple[str, str, str], TagEntry] = {}
+        self._manifests: dict[str, ManifestEntry] = {}
+        self._access: dict[tuple[str, str], float] = {}
+        self._tag_access: dict[tuple[str, str, str], float] = {}
+        self._stats: dict[str, int] = {}
+        self._version = self._data_version()
+
+    def close(self) -> None:
+        self.flush()
+        self.db.close()
+
+    # -- freshness of the in-memory copy -------------------------------------
+
+    def _data_version(self) -> int:
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+    def _sync(self) -> None:
+        version = self._data_version()
+        if version != self._version:
+            self._version = version
+            self._tags.clear()
+            self._manifests.clear()
+
+    # -- tags ----------------------------------------------------------------
+
+    def tag(self, registry: str, repository: str, tag: str) -> TagEntry | None:
+        self._sync()
+        key = (registry, repository, tag)
+        entry = self._tags.get(key)
+        if entry is None:
+            row = self.db.execute(
+                "SELECT digest, validated FROM tags WHERE registry=? AND repository=? AND tag=?",
+                key,
+            ).fetchone()
+            if row is None:
+                return None
+            entry = self._tags[key] = TagEntry(row[0], row[1])
+        self._tag_access[key] = time.time()
+        return entry
+
+    def set_tag(self, registry: str, repository: str, tag: str, digest: str) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO tags VALUES (?,?,?,?,?,?) ON CONFLICT(registry, repository, tag) "
+            "DO UPDATE SET digest=excluded.digest, validated=excluded.validated, "
+            "last_access=excluded.last_access",
+            (registry, repository, tag, digest, now, now),
+        )
+        self._version = self._data_version()
+        self._tags[(registry, repository, tag)] = TagEntry(digest, now)
+
+    def tags_of(self, registry: str, repository: str) -> list[str]:
+        rows = self.db.execute(
+            "SELECT tag FROM tags WHERE registry=? AND repository=? ORDER BY tag",
+            (registry, repository),
+        )
+        return [row[0] for row in rows]
+
+    # -- manifests -----------------------------------------------------------
+
+    def manifest(self, digest: str) -> ManifestEntry | None:
+        self._sync()
+        entry = self._manifests.get(digest)
+        if entry is None:
+            row = self.db.execute(
+                "SELECT media_type, size FROM manifests WHERE digest=?", (digest,)
+            ).fetchone()
+            if row is None:
+                return None
+            entry = self._manifests[digest] = ManifestEntry(digest, row[0], row[1])
+        self._access[("manifests", digest)] = time.time()
+        return entry
+
+    def add_manifest(
+        self,
+        registry: str,
+        repository: str,
+        digest: str,
+        media_type: str,
+        size: int,
+        refs: Iterable[tuple[str, str]],
+    ) -> None:
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "INSERT INTO manifests VALUES (?,?,?,?,?) ON CONFLICT(digest) DO UPDATE "
+                "SET last_access=excluded.last_access",
+                (digest, media_type, size, now, now),
+            )
+            self.db.executemany(
+                "INSERT OR IGNORE INTO manifest_refs VALUES (?,?,?)",
+                [(digest, child, kind) for child, kind in refs],
+            )
+            self.db.execute(
+                "INSERT OR IGNORE INTO repo_manifests VALUES (?,?,?)",
+                (registry, repository, digest),
+            )
+        self._version = self._data_version()
+        self._manifests[digest] = ManifestEntry(digest, media_type, size)
+
+    # -- blobs ---------------------------------------------------------------
+
+    def add_blob(self, digest: str, size: int) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO blobs VALUES (?,?,?,?) ON CONFLICT(digest) DO UPDATE "
+            "SET last_access=excluded.last_access",
+            (digest, size, now, now),
+        )
+        self._version = self._data_version()
+
+    def touch_blob(self, digest: str) -> None:
+        self._access[("blobs", digest)] = time.time()
+
+    # -- counters ------------------------------------------------------------
+
+    def bump(self, name: str, amount: int = 1) -> None:
+        self._stats[name] = self._stats.get(name, 0) + amount
+
+    def flush(self) -> None:
+        """Write batched access times and counters (called periodically)."""
+        if not (self._access or self._tag_access or self._stats):
+            return
+        access, self._access = self._access, {}
+        tag_access, self._tag_access = self._tag_access, {}
+        stats, self._stats = self._stats, {}
+        with self.db:
+            self.db.execute("BEGIN")
+            for (table, digest), when in access.items():
+                self.db.execute(
+                    f"UPDATE {table} SET last_access=max(last_access, ?) WHERE digest=?",
+                    (when, digest),
+                )
+            self.db.executemany(
+                "UPDATE tags SET last_access=max(last_access, ?) "
+                "WHERE registry=? AND repository=? AND tag=?",
+                [(when, *key) for key, when in tag_access.items()],
+            )
+            self.db.executemany(
+                "INSERT INTO stats VALUES (?, ?) ON CONFLICT(name) "
+                "DO UPDATE SET value = value + excluded.value",
+                list(stats.items()),
+            )
+        self._version = self._data_version()
+
+    def stats(self) -> dict[str, int]:
+        values = dict.fromkeys(STAT_NAMES, 0)
+        values.update(dict(self.db.execute("SELECT name, value FROM stats").fetchall()))
+        for name, amount in self._stats.items():
+            values[name] = values.get(name, 0) + amount
+        return values
+
+    def total_size(self) -> int:
+        row = self.db.execute(
+            "SELECT (SELECT coalesce(sum(size), 0) FROM blobs) + "
+            "(SELECT coalesce(sum(size), 0) FROM manifests)"
+        ).fetchone()
+        return int(row[0])
+
+    # -- listing and removal -------------------------------------------------
+
+    def images(self) -> list[ImageRow]:
+        """Tagged images plus manifests cached only by digest."""
+        rows = self.db.execute(
+            """
+            SELECT t.registry, t.repository, t.tag, t.digest, m.media_type,
+                   m.size + coalesce((SELECT sum(b.size) FROM manifest_refs r
+                                      JOIN blobs b ON b.digest = r.child
+                                      WHERE r.parent = t.digest), 0),
+                   max(t.last_access, m.last_access)
+            FROM tags t JOIN manifests m ON m.digest = t.digest
+            UNION ALL
+            SELECT rm.registry, rm.repository, NULL, rm.digest, m.media_type,
+                   m.size + coalesce((SELECT sum(b.size) FROM manifest_refs r
+                                      JOIN blobs b ON b.digest = r.child
+                                      WHERE r.parent = rm.digest), 0),
+                   m.last_access
+            FROM repo_manifests rm JOIN manifests m ON m.digest = rm.digest
+            WHERE NOT EXISTS (SELECT 1 FROM tags t WHERE t.digest = rm.digest
+                              AND t.registry = rm.registry AND t.repository = rm.repository)
+            ORDER BY 1, 2, 3
+            """
+        ).fetchall()
+        return [ImageRow(*row) for row in rows]
+
+    def remove_image(
+        self, registry: str, repository: str, tag: str | None, digest: str | None
+    ) -> list[str]:
+        """Forget an image; return digests whose files are no longer referenced.
+
+        Removing a tag drops the tag; removing a digest also drops the manifest
+        from the repository. Manifests, and the blobs they reference, that no
+        repository or tag holds any more are deleted from the index and
+        returned so the caller can delete their files.
+        """
+        with self.db:
+            self.db.execute("BEGIN")
+            roots: set[str] = set()
+            if tag is not None:
+                row = self.db.execute(
+                    "SELECT digest FROM tags WHERE registry=? AND repository=? AND tag=?",
+                    (registry, repository, tag),
+                ).fetchone()
+                if row:
+                    roots.add(row[0])
+                self.db.execute(
+                    "DELETE FROM tags WHERE registry=? AND repository=? AND tag=?",
+                    (registry, repository, tag),
+                )
+            if digest is not None:
+                roots.add(digest)
+                self.db.execute(
+                    "DELETE FROM tags WHERE registry=? AND repository=? AND digest=?",
+                    (registry, repository, digest),
+                )
+            for root in roots:
+                still_tagged = self.db.execute(
+                    "SELECT 1 FROM tags WHERE registry=? AND repository=? AND digest=?",
+                    (registry, repository, root),
+                ).fetchone()
+                if not still_tagged:
+                    self.db.execute(
+                        "DELETE FROM repo_manifests WHERE registry=? AND repository=? AND digest=?",
+                        (registry, repository, root),
+                    )
+            removed = self._collect_unreferenced()
+        self._tags.clear()
+        self._manifests.clear()
+        self._version = self._data_version()
+        return removed
+
+    def _collect_unreferenced(self) -> list[str]:
+        """Delete rows no root reaches any more; return their digests."""
+        live = {
+            row[0]
+            for row in self.db.execute(
+                "SELECT digest FROM repo_manifests UNION SELECT digest FROM tags"
+            )
+        }
+        frontier = list(live)
+        while frontier:
+            placeholders = ",".join("?" * len(frontier))
+            children = [
+                row[0]
+                for row in self.db.execute(
+                    f"SELECT child FROM manifest_refs WHERE parent IN ({placeholders})",
+                    frontier,
+                )
+            ]
+            frontier = [c for c in children if c not in live]
+            live.update(frontier)
+        dead = [
+            row[0]
+            for row in self.db.execute(
+                "SELECT digest FROM manifests UNION SELECT digest FROM blobs"
+            )
+            if row[0] not in live
+        ]
+        for digest in dead:
+            self.db.execute("DELETE FROM manifests WHERE digest=?", (digest,))
+            self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+            self.db.execute("DELETE FROM manifest_refs WHERE parent=?", (digest,))
+        return dead
+
+    # -- consistency with the files ------------------------------------------
+
+    def reconcile(self, store: BlobStore) -> tuple[int, int]:
+        """Make the index agree with the files; returns (rows dropped, blobs added).
+
+        Rows whose file is missing are dropped (their content is fetched again
+        on demand). Verified files the index does not know (a crash between
+        rename and insert) are recorded as blobs.
+        """
+        on_disk = {str(digest): size for digest, size in store}
+        dropped = 0
+        with self.db:
+            self.db.execute("BEGIN")
+            for table in ("blobs", "manifests"):
+                for (digest,) in self.db.execute(f"SELECT digest FROM {table}").fetchall():
+                    if digest not in on_disk:
+                        self.db.execute(f"DELETE FROM {table} WHERE digest=?", (digest,))
+                        dropped += 1
+            self.db.execute("DELETE FROM tags WHERE digest NOT IN (SELECT digest FROM manifests)")
+            self.db.execute(
+                "DELETE FROM repo_manifests WHERE digest NOT IN (SELECT digest FROM manifests)"
+            )
+            known = {
+                row[0]
+                for row in self.db.execute(
+                    "SELECT digest FROM blobs UNION SELECT digest FROM manifests"
+                )
+            }
+            now = time.time()
+            added = [(d, s, now, now) for d, s in on_disk.items() if d not in known]
+            self.db.executemany("INSERT INTO blobs VALUES (?,?,?,?)", added)
+        self._tags.clear()
+        self._manifests.clear()
+        self._version = self._data_version()
+        return dropped, len(added)
+
+
+def open_index(data: Path) -> tuple[BlobStore, Index]:
+    data.mkdir(parents=True, exist_ok=True)
+    return BlobStore(data), Index(data / "index.db")
