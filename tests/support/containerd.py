@@ -1,0 +1,274 @@
+"""A private ``containerd`` daemon (plus ``ctr``) for end-to-end pulls through stowage.
+
+The daemon gets its own root/state/socket in temp dirs, so it never touches a system
+containerd. It needs root; use ``require_containerd()`` to skip cleanly otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from tests.support.util import HarnessError, ManagedProcess, tail, wait_until
+
+NAMESPACE = "test"
+START_TIMEOUT = 30.0
+
+# Plugins that cannot work in a test sandbox (no btrfs/zfs/devmapper/aufs backing store) or
+# are not needed. Disabling them keeps startup fast and the log readable; containerd would
+# otherwise just log a load failure for each. The CRI plugin stays enabled so its registry
+# config (config_path) is exercised, with CNI pointed at empty temp dirs.
+DISABLED_PLUGINS: tuple[str, ...] = (
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.internal.v1.tracing",
+)
+
+# The native snapshotter is a plain copy: slower than overlayfs, but works inside
+# containers where overlay-on-overlay mounts are not allowed. Test images are tiny anyway.
+SNAPSHOTTER = "native"
+
+
+def require_containerd() -> None:
+    """pytest.skip unless containerd can run here (root + binaries)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("containerd tests need root")
+    for tool in ("containerd", "ctr"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (apt-get install containerd)")
+
+
+def _toml_str(value: str | Path) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_hosts_toml(
+    hosts_dir: Path,
+    registry_host: str,
+    mirror_url: str | None = None,
+    *,
+    server_url: str | None = None,
+    server_ca: Path | None = None,
+    mirror_ca: Path | None = None,
+    mirror_capabilities: Sequence[str] = ("pull", "resolve"),
+    mirror_override_path: bool = False,
+) -> Path:
+    """Write ``hosts_dir/<registry_host>/hosts.toml``.
+
+    ``server_url`` defaults to ``http://<registry_host>`` (or https when ``server_ca`` is
+    given). With a ``mirror_url`` containerd tries the mirror first and sends ``?ns=<host>``
+    on every request to it, then falls back to ``server``.
+    """
+    if server_url is None:
+        server_url = f"{'https' if server_ca else 'http'}://{registry_host}"
+    lines = [f"server = {_toml_str(server_url)}"]
+    if server_ca is not None:
+        lines.append(f"ca = {_toml_str(server_ca)}")
+    if mirror_url is None:
+        # containerd 1.6 rejects a hosts.toml without any `host` tree ("invalid `host` tree",
+        # containerd#10027) and silently falls back to defaults; an empty table avoids that.
+        lines += ["", "[host]"]
+    else:
+        caps = ", ".join(_toml_str(c) for c in mirror_capabilities)
+        lines += ["", f"[host.{_toml_str(mirror_url)}]", f"  capabilities = [{caps}]"]
+        if mirror_ca is not None:
+            lines.append(f"  ca = {_toml_str(mirror_ca)}")
+        if mirror_override_path:
+            lines.append("  override_path = true")
+    directory = hosts_dir / registry_host
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "hosts.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Containerd:
+    def __init__(self, workdir: Path | None = None, *, hosts_dir: Path | None = None) -> None:
+        # Unix socket paths are limited to ~108 bytes and pytest tmp paths can be long, so
+        # the socket and state (which holds more sockets) live in a short mkdtemp dir.
+        self._short = tempfile.TemporaryDirectory(prefix="ctrd-")
+        short = Path(self._short.name)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="containerd-")
+            workdir = Path(self._tmp.name)
+        self.workdir = workdir
+        self.root = workdir / "root"
+        self.state = short / "state"
+        self.socket = short / "containerd.sock"
+        self.hosts_dir = hosts_dir or workdir / "hosts.d"
+        self.log_file = workdir / "containerd.log"
+        self.config_file = workdir / "config.toml"
+        for d in (
+            self.root,
+            self.state,
+            self.hosts_dir,
+            workdir / "cni" / "bin",
+            workdir / "cni" / "conf",
+            workdir / "opt",
+        ):
+            d.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(self._config())
+        binary = shutil.which("containerd")
+        if binary is None:
+            raise HarnessError("containerd not installed")
+        self.process = ManagedProcess(
+            [binary, "--config", str(self.config_file)], stdout_path=self.log_file
+        )
+
+    def _config(self) -> str:
+        disabled = ", ".join(_toml_str(p) for p in DISABLED_PLUGINS)
+        w = self.workdir
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        return f"""\
+version = 2
+root = {_toml_str(self.root)}
+state = {_toml_str(self.state)}
+disabled_plugins = [{disabled}]
+
+[grpc]
+  address = {_toml_str(self.socket)}
+
+[ttrpc]
+  address = {_toml_str(str(self.socket) + ".ttrpc")}
+
+[debug]
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = {_toml_str(w / "opt")}
+
+[{cri}]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [{cri}.containerd]
+    snapshotter = "{SNAPSHOTTER}"
+  [{cri}.cni]
+    bin_dir = {_toml_str(w / "cni" / "bin")}
+    conf_dir = {_toml_str(w / "cni" / "conf")}
+  [{cri}.registry]
+    config_path = {_toml_str(self.hosts_dir)}
+"""
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        if self.process.running():
+            return self
+        self.process.start()
+
+        def ready() -> bool:
+            if not self.process.running():
+                raise HarnessError(f"containerd exited:\n{tail(self.log_file)}")
+            if not self.socket.exists():
+                return False
+            return self.ctr("version", check=False).returncode == 0
+
+        wait_until(ready, timeout=START_TIMEOUT, interval=0.1, describe=lambda: tail(self.log_file))
+        return self
+
+    def stop(self) -> None:
+        self.process.stop(15)
+
+    def close(self) -> None:
+        self.stop()
+        self._short.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- ctr ------------------------------------------------------------------------------
+
+    def ctr(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        binary = shutil.which("ctr") or "ctr"
+        argv = [binary, "--address", str(self.socket), "--namespace", NAMESPACE, *args]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise HarnessError(f"{' '.join(argv)} -> {proc.returncode}\n{proc.stdout}{proc.stderr}")
+        return proc
+
+    def pull(
+        self,
+        ref: str,
+        *,
+        hosts_dir: Path | None = None,
+        plain_http: bool = False,
+        user: str | None = None,
+        platform: str | None = None,
+        all_platforms: bool = False,
+        extra_args: Sequence[str] = (),
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        """``ctr images pull`` (not raising: tests assert on returncode/output).
+
+        ``user`` is ``name:password``.
+        """
+        args = [
+            "images",
+            "pull",
+            "--snapshotter",
+            SNAPSHOTTER,
+            "--hosts-dir",
+            str(hosts_dir or self.hosts_dir),
+        ]
+        if plain_http:
+            args.append("--plain-http")
+        if user:
+            args += ["--user", user]
+        if platform:
+            args += ["--platform", platform]
+        if all_platforms:
+            args.append("--all-platforms")
+        args += [*extra_args, ref]
+        return self.ctr(*args, check=False, timeout=timeout)
+
+    def images(self) -> dict[str, str]:
+        """{ref: manifest/index digest} from ``ctr images ls``."""
+        out = self.ctr("images", "ls").stdout.splitlines()
+        result: dict[str, str] = {}
+        for line in out[1:]:  # header: REF TYPE DIGEST SIZE PLATFORMS LABELS
+            cols = line.split()
+            if len(cols) >= 3:
+                result[cols[0]] = cols[2]
+        return result
+
+    def image_digest(self, ref: str) -> str | None:
+        return self.images().get(ref)
+
+    def content_digests(self) -> set[str]:
+        """Digests of all blobs in containerd's content store."""
+        out = self.ctr("content", "ls", "-q").stdout.split()
+        return {d for d in out if d.startswith("sha256:")}
+
+    def remove_image(self, ref: str) -> None:
+        self.ctr("images", "rm", "--sync", ref, check=False)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return tail(self.log_file, lines)
