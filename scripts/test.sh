@@ -14,8 +14,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-command -v uv >/dev/null || python3 -m pip install -q uv
-export PATH="$HOME/.local/bin:$PATH"
+python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv
+uv() { python3 -m uv "$@"; }
 uv sync -q --frozen
 
 uv run ruff check src tests

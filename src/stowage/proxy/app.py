@@ -195,6 +195,10 @@ class Proxy:
         return self._manifest_response(request, manifest, "upstream" if changed else "cache")
 
     async def _revalidate(self, route: Route, tag: str, cached: Manifest) -> Manifest:
+        key = (route.registry, route.repository, f"revalidate {tag}")
+        return await self._flights.run(key, lambda: self._revalidate_once(route, tag, cached))
+
+    async def _revalidate_once(self, route: Route, tag: str, cached: Manifest) -> Manifest:
         """HEAD the tag (free against pull quotas); fetch only if it moved."""
         head = await self.upstream.head_manifest(route.registry, route.repository, tag)
         if head.digest == cached.digest:
@@ -385,10 +389,10 @@ class Proxy:
                     break
                 else:
                     await fill.wait()
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             # The client left; the fill goes on for the others.
-            request["result"] = "miss"
-            raise
+            log.info("client left during a fill", digest=str(fill.digest), sent=offset - start)
+            return resp
         finally:
             os.close(fd)
         await resp.write_eof()
