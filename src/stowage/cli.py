@@ -176,17 +176,16 @@ def cache_rm(image: str, data: Path | None, config: Path | None) -> None:
         ref = parse_reference(image)
     except InvalidReference as exc:
         raise click.UsageError(str(exc)) from None
+    if not index.holds(ref.registry, ref.repository, ref.tag, ref.digest):
+        index.close()
+        raise click.ClickException(f"{ref} is not in the cache")
     removed = index.remove_image(ref.registry, ref.repository, ref.tag, ref.digest)
+    index.close()
     freed = 0
     for digest in removed:
         parsed = Digest.parse(digest)
         freed += store.size(parsed) or 0
         store.remove(parsed)
-    index.close()
-    if not removed and not any(
-        r.registry == ref.registry and r.repository == ref.repository for r in index.images()
-    ):
-        click.echo(f"{ref} was not cached")
     click.echo(f"removed {ref}: {len(removed)} files, {_size(freed)} freed")
 
 

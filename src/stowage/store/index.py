@@ -280,10 +280,22 @@ class Index:
             FROM repo_manifests rm JOIN manifests m ON m.digest = rm.digest
             WHERE NOT EXISTS (SELECT 1 FROM tags t WHERE t.digest = rm.digest
                               AND t.registry = rm.registry AND t.repository = rm.repository)
+              -- a platform's manifest is listed under its index, not on its own
+              AND NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.child = rm.digest)
             ORDER BY 1, 2, 3
             """
         ).fetchall()
         return [ImageRow(*row) for row in rows]
+
+    def holds(self, registry: str, repository: str, tag: str | None, digest: str | None) -> bool:
+        """Whether the index knows this tag or manifest of the repository."""
+        if tag is not None and self.tag(registry, repository, tag) is not None:
+            return True
+        row = self.db.execute(
+            "SELECT 1 FROM repo_manifests WHERE registry=? AND repository=? AND digest=?",
+            (registry, repository, digest),
+        ).fetchone()
+        return digest is not None and row is not None
 
     def remove_image(
         self, registry: str, repository: str, tag: str | None, digest: str | None
