@@ -78,6 +78,9 @@ def main() -> None:
 @click.option("--default-registry", metavar="HOST", help=_help("default_registry"))
 @click.option("--connect-timeout", type=float, metavar="SECONDS", help=_help("connect_timeout"))
 @click.option("--read-timeout", type=float, metavar="SECONDS", help=_help("read_timeout"))
+@click.option(
+    "--revalidate-timeout", type=float, metavar="SECONDS", help=_help("revalidate_timeout")
+)
 @click.option("--log-format", type=click.Choice(["plain", "json"]), help=_help("log_format"))
 @click.option(
     "--log-level",

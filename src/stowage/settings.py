@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     read_timeout: float = Field(
         30.0, gt=0, description="Seconds to wait for upstream bytes before giving up on it."
     )
+    revalidate_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds an expired tag waits for upstream before the cached copy is "
+        "served (stale).",
+    )
     log_format: Literal["plain", "json"] = Field("plain", description="Log line format.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level logged."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections import OrderedDict
@@ -45,6 +46,7 @@ FLUSH_INTERVAL = 5.0
 class ProxyConfig:
     default_registry: str = "docker.io"
     tag_ttl: float = 300.0
+    revalidate_timeout: float = 5.0
     known_registries: frozenset[str] = frozenset()
 
 
@@ -143,7 +145,8 @@ class Proxy:
             self.metrics.digest_mismatches.labels(route.registry).inc()
             return OCIError(502, "DIGEST_INVALID", str(exc))
         if isinstance(exc, UpstreamUnavailable) and exc.status == 429:
-            headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
+            retry = exc.retry_after
+            headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else {}
             return OCIError(429, "TOOMANYREQUESTS", f"{exc} and nothing is cached", headers)
         if isinstance(exc, UpstreamInvalid) and exc.status == 413:
             return OCIError(413, "MANIFEST_INVALID", str(exc))
@@ -181,7 +184,17 @@ class Proxy:
             request["result"] = "hit"
             return self._manifest_response(request, cached, "cache")
         try:
-            manifest = await self._revalidate(route, ref, cached)
+            # Bounded: a hung upstream must not hold a pull that the cache can answer.
+            async with asyncio.timeout(self.config.revalidate_timeout):
+                manifest = await self._revalidate(route, ref, cached)
+        except TimeoutError:
+            log.warning(
+                "serving stale manifest",
+                image=f"{route.registry}/{route.repository}:{ref}",
+                reason=f"upstream did not answer within {self.config.revalidate_timeout}s",
+            )
+            request["result"] = "stale"
+            return self._manifest_response(request, cached, "cache")
         except (UpstreamUnavailable, UpstreamNotFound, UpstreamDenied, UpstreamInvalid) as exc:
             log.warning(
                 "serving stale manifest",

@@ -50,7 +50,9 @@ def build_app(settings: Settings) -> web.Application:
     )
     known = frozenset({*settings.insecure_registry, *credentials, settings.default_registry})
     proxy = Proxy(
-        ProxyConfig(settings.default_registry, settings.tag_ttl, known),
+        ProxyConfig(
+            settings.default_registry, settings.tag_ttl, settings.revalidate_timeout, known
+        ),
         store,
         index,
         upstream,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -19,6 +20,10 @@ from stowage.oci.reference import api_host
 from stowage.upstream.auth import Challenge, Credentials, parse_challenge
 
 MAX_REDIRECTS = 5
+# Without a Retry-After, a 429 still pauses requests to that registry this long;
+# with one, it is honoured up to the cap (a broken header must not stall us for days).
+DEFAULT_BACKOFF = 5.0
+MAX_BACKOFF = 600.0
 
 
 class UpstreamError(Exception):
@@ -87,6 +92,7 @@ class Upstream:
         self._challenges: dict[str, Challenge] = {}
         self._tokens: dict[tuple[str, str, str, str], tuple[str, float]] = {}
         self._token_locks: dict[tuple[str, str, str, str], asyncio.Lock] = {}
+        self._backoff: dict[str, float] = {}  # registry -> monotonic time to wait for
 
     async def start(self) -> None:
         ctx = ssl.create_default_context()
@@ -199,6 +205,12 @@ class Upstream:
         self, method: str, registry: str, url: str, headers: CIMultiDict[str], auth: str | None
     ) -> aiohttp.ClientResponse:
         assert self._session is not None, "Upstream.start() not called"
+        wait = self._backoff.get(registry, 0.0) - time.monotonic()
+        if wait > 0:
+            # Honour the registry's Retry-After: no retry storm against a rate limit.
+            raise UpstreamUnavailable(
+                registry, "answered 429 (rate limited)", status=429, retry_after=wait
+            )
         origin = _origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             hdrs = CIMultiDict(headers)
@@ -217,6 +229,9 @@ class Upstream:
                 self._on_request(registry, "error")
                 raise UpstreamUnavailable(registry, f"request failed: {exc}") from exc
             self._on_request(registry, str(resp.status))
+            if resp.status == 429:
+                delay = _retry_after(resp.headers.get("Retry-After"))
+                self._backoff[registry] = time.monotonic() + min(delay, MAX_BACKOFF)
             location = resp.headers.get("Location")
             if resp.status in (301, 302, 303, 307, 308) and location:
                 resp.release()
@@ -308,7 +323,7 @@ class Upstream:
                 registry,
                 f"answered {status} for {what}",
                 status=status,
-                retry_after=float(retry) if retry and retry.isdigit() else None,
+                retry_after=_retry_after(retry) if retry else None,
             )
         raise UpstreamInvalid(registry, f"answered {status} for {what}", status=status)
 
@@ -327,6 +342,20 @@ class Upstream:
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(registry, f"response cut short: {exc}") from exc
         return b"".join(chunks)
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date)."""
+    if value:
+        value = value.strip()
+        if value.isdigit():
+            return float(value)
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return DEFAULT_BACKOFF
+        return max(0.0, when.timestamp() - time.time())
+    return DEFAULT_BACKOFF
 
 
 def _origin(url: str) -> tuple[str, str]:
