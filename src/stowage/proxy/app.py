@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
+import aiohttp
 import structlog
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,7 +20,7 @@ from stowage.oci.digest import Digest, InvalidDigest, UnsupportedDigest, is_dige
 from stowage.oci.manifest import InvalidManifest, parse_manifest
 from stowage.oci.reference import is_valid_tag
 from stowage.proxy.errors import OCIError
-from stowage.proxy.fill import DigestMismatch, Fill, Fills
+from stowage.proxy.fill import CacheUnavailable, DigestMismatch, Fill, Fills
 from stowage.proxy.metrics import Metrics
 from stowage.proxy.routing import Route, parse_route
 from stowage.store.blobs import BlobStore
@@ -251,9 +252,15 @@ class Proxy:
         content_type = fetched.content_type.split(";", 1)[0].strip() or media_type
         if content_type in ("application/json", "text/plain"):
             content_type = media_type
-        await asyncio.get_running_loop().run_in_executor(
-            None, self.store.write, digest, fetched.body
-        )
+        manifest = Manifest(fetched.body, content_type, str(digest))
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.store.write, digest, fetched.body
+            )
+        except OSError as exc:
+            # Disk full or read-only: serve it, cache nothing (no index row without its file).
+            log.warning("manifest not cached", digest=str(digest), reason=str(exc))
+            return manifest
         self.index.add_manifest(
             route.registry,
             route.repository,
@@ -264,7 +271,6 @@ class Proxy:
         )
         if expected is None:
             self.index.set_tag(route.registry, route.repository, ref, str(digest))
-        manifest = Manifest(fetched.body, content_type, str(digest))
         self._remember(manifest)
         return manifest
 
@@ -339,12 +345,74 @@ class Proxy:
                 head.content_length = upstream.content_length
             return head
         if fill is None:
+            if self.fills.degraded():
+                return await self._pass_through(request, route, digest, headers)
             fill = self.fills.start(digest, route.registry, route.repository)
-        await fill.ready()
-        return await self._stream_fill(request, fill, headers)
+        try:
+            await fill.ready()
+        except CacheUnavailable:
+            return await self._pass_through(request, route, digest, headers)
+        return await self._stream_fill(request, route, fill, headers)
+
+    async def _pass_through(
+        self, request: web.Request, route: Route, digest: Digest, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Stream a blob from upstream without caching it (the disk refused it).
+
+        A whole blob is still verified: its last chunk is held back until the
+        digest matches, so a wrong blob never reaches the client complete."""
+        forward: dict[str, str] = {}
+        if hdrs.RANGE in request.headers:
+            forward["Range"] = request.headers[hdrs.RANGE]
+        upstream = await self.upstream.open_blob(
+            route.registry, route.repository, str(digest), request.method, forward
+        )
+        try:
+            resp = web.StreamResponse(
+                status=upstream.status, headers={hdrs.CONTENT_TYPE: BLOB_TYPE, **headers}
+            )
+            if upstream.content_length is not None:
+                resp.content_length = upstream.content_length
+            if hdrs.CONTENT_RANGE in upstream.headers:
+                resp.headers[hdrs.CONTENT_RANGE] = upstream.headers[hdrs.CONTENT_RANGE]
+            await resp.prepare(request)
+            if request.method == hdrs.METH_HEAD:
+                return resp
+            verify = upstream.status == 200
+            hasher = digest.hasher()
+            held = b""
+            try:
+                async for chunk in upstream.content.iter_chunked(CHUNK):
+                    if verify:
+                        hasher.update(chunk)
+                    if held:
+                        await resp.write(held)
+                        self.metrics.bytes_served.labels("upstream").inc(len(held))
+                    held = chunk
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning(
+                    "upstream failed during pass-through", digest=str(digest), error=str(exc)
+                )
+                _abort(request)
+                return resp
+            if verify and hasher.hexdigest() != digest.hex:
+                self.metrics.digest_mismatches.labels(route.registry).inc()
+                log.warning("digest mismatch during pass-through", digest=str(digest))
+                request["result"] = "error"
+                _abort(request)
+                return resp
+            if held:
+                await resp.write(held)
+                self.metrics.bytes_served.labels("upstream").inc(len(held))
+            await resp.write_eof()
+            return resp
+        except ConnectionResetError:
+            return resp
+        finally:
+            upstream.release()
 
     async def _stream_fill(
-        self, request: web.Request, fill: Fill, headers: dict[str, str]
+        self, request: web.Request, route: Route, fill: Fill, headers: dict[str, str]
     ) -> web.StreamResponse:
         """Send a blob from a fill in progress, as far as it is written."""
         size = fill.size
@@ -390,13 +458,16 @@ class Proxy:
                     self.index.bump("bytes_from_upstream", len(data))
                     await resp.write(data)
                 elif fill.error is not None:
+                    if isinstance(fill.error, CacheUnavailable) and end is not None:
+                        # The disk gave out mid-fill: finish this client from upstream.
+                        await self._resume_upstream(request, resp, route, fill.digest, offset, end)
+                        return resp
                     # Cut the connection: the client sees a short body and retries.
                     log.warning(
                         "fill failed under a client", digest=str(fill.digest), error=str(fill.error)
                     )
                     request["result"] = "error"
-                    if request.transport is not None:
-                        request.transport.abort()
+                    _abort(request)
                     return resp
                 elif fill.done:
                     break
@@ -410,6 +481,44 @@ class Proxy:
             os.close(fd)
         await resp.write_eof()
         return resp
+
+    async def _resume_upstream(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        route: Route,
+        digest: Digest,
+        offset: int,
+        end: int,
+    ) -> None:
+        """Send bytes [offset, end) of a blob straight from upstream (Range)."""
+        try:
+            upstream = await self.upstream.open_blob(
+                route.registry,
+                route.repository,
+                str(digest),
+                headers={"Range": f"bytes={offset}-{end - 1}"},
+            )
+        except UpstreamError as exc:
+            log.warning("cannot resume from upstream", digest=str(digest), error=str(exc))
+            _abort(request)
+            return
+        try:
+            if upstream.status != 206:
+                raise aiohttp.ClientPayloadError(f"upstream answered {upstream.status} to Range")
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                chunk = chunk[: end - offset]
+                offset += len(chunk)
+                self.metrics.bytes_served.labels("upstream").inc(len(chunk))
+                await resp.write(chunk)
+            if offset != end:
+                raise aiohttp.ClientPayloadError("upstream range ended early")
+            await resp.write_eof()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("resuming from upstream failed", digest=str(digest), error=str(exc))
+            _abort(request)
+        finally:
+            upstream.release()
 
     # -- tags ----------------------------------------------------------------
 
@@ -436,6 +545,12 @@ class Proxy:
             body=generate_latest(self.metrics.registry),
             headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST},
         )
+
+
+def _abort(request: web.Request) -> None:
+    """Cut the connection so the client sees a short body, never a complete wrong one."""
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _parse_digest(value: str) -> Digest:

@@ -16,6 +16,7 @@ import contextlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +36,17 @@ MAX_QUEUED = 8 * 1024 * 1024
 READ_SIZE = 1024 * 1024
 
 
+# After the disk refused a fill (full, read-only), blobs are passed through
+# uncached for this long before caching is tried again.
+DEGRADED_RETRY = 30.0
+
+
 class DigestMismatch(UpstreamInvalid):
     pass
+
+
+class CacheUnavailable(Exception):
+    """The data directory cannot take this blob now: serve it uncached."""
 
 
 class Fill:
@@ -98,11 +108,14 @@ class Fill:
         temp: Path | None = None
         writer: asyncio.Future[str] | None = None
         try:
+            try:
+                fd, temp = self._store.new_temp()
+            except OSError as exc:
+                raise CacheUnavailable(f"cannot create a temporary file: {exc}") from exc
+            self.path = temp
             resp = await self._upstream.open_blob(self.registry, self.repository, str(self.digest))
             async with resp:
                 self.size = resp.content_length
-                fd, temp = self._store.new_temp()
-                self.path = temp
                 writer = self._loop.create_future()
                 threading.Thread(
                     target=self._write_thread, args=(fd, writer), daemon=True, name="fill-writer"
@@ -110,9 +123,13 @@ class Fill:
                 self._ready.set_result(None)
                 await self._download(resp)
             self._queue.put(None)
-            actual = await writer
-            writer = None
-            fd = None  # closed by the writer thread
+            try:
+                actual = await writer
+            except OSError as exc:
+                raise CacheUnavailable(f"cannot write blob: {exc}") from exc
+            finally:
+                writer = None
+                fd = None  # closed by the writer thread
             if actual != self.digest.hex:
                 raise DigestMismatch(
                     self.registry,
@@ -124,7 +141,10 @@ class Fill:
                     self.registry,
                     f"blob {self.digest} ended at {self.written} of {self.size} bytes",
                 )
-            self.path = self._store.commit(temp, self.digest)
+            try:
+                self.path = self._store.commit(temp, self.digest)
+            except OSError as exc:
+                raise CacheUnavailable(f"cannot store blob: {exc}") from exc
             temp = None
             self.size = self.written
             self._index.add_blob(str(self.digest), self.written)
@@ -134,7 +154,14 @@ class Fill:
             if not self._ready.done():
                 self._ready.set_exception(exc)
                 self._ready.exception()  # retrieved: readers get it from ready()
-            if not isinstance(exc, UpstreamError | asyncio.CancelledError):
+            if isinstance(exc, CacheUnavailable):
+                log.warning(
+                    "caching paused: serving uncached",
+                    digest=str(self.digest),
+                    reason=str(exc),
+                    retry_in=DEGRADED_RETRY,
+                )
+            elif not isinstance(exc, UpstreamError | asyncio.CancelledError):
                 log.error("fill failed", digest=str(self.digest), error=repr(exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -156,7 +183,7 @@ class Fill:
                 if not chunk:
                     return
                 if self._thread_error is not None:
-                    raise self._thread_error
+                    raise CacheUnavailable(f"cannot write blob: {self._thread_error}")
                 with self._lock:
                     self._queued += len(chunk)
                     queued = self._queued
@@ -242,6 +269,11 @@ class Fills:
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_change = on_change
+        self._degraded_until = 0.0
+
+    def degraded(self) -> bool:
+        """Whether the disk recently refused a fill (caching paused)."""
+        return time.monotonic() < self._degraded_until
 
     def get(self, digest: Digest) -> Fill | None:
         return self._fills.get(str(digest))
@@ -263,6 +295,8 @@ class Fills:
     async def _run(self, key: str, fill: Fill) -> None:
         try:
             await fill.run()
+            if isinstance(fill.error, CacheUnavailable):
+                self._degraded_until = time.monotonic() + DEGRADED_RETRY
         finally:
             if self._fills.get(key) is fill:
                 del self._fills[key]

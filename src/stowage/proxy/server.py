@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 
@@ -27,8 +28,12 @@ STAT_OF_RESULT = {"hit": "hits", "miss": "misses", "stale": "stale", "error": "e
 def build_app(settings: Settings) -> web.Application:
     credentials = load_auth_file(settings.auth_file) if settings.auth_file else {}
     store, index = open_index(settings.data)
-    swept = store.sweep_temp()
-    dropped, adopted = index.reconcile(store)
+    try:
+        swept = store.sweep_temp()
+        dropped, adopted = index.reconcile(store)
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("cache not reconciled (read-only?)", error=str(exc))
+        swept = dropped = adopted = 0
     log.info(
         "cache opened",
         data=str(settings.data),

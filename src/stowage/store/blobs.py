@@ -25,8 +25,11 @@ class BlobStore:
         self.root = root
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        # A read-only or missing directory is not fatal: fills then fail to
+        # create their temporary file and blobs are passed through uncached.
+        with contextlib.suppress(OSError):
+            self.blobs.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
@@ -80,9 +83,10 @@ class BlobStore:
     def sweep_temp(self) -> int:
         """Delete leftovers of fills that never finished (crash, kill -9)."""
         count = 0
-        for entry in os.scandir(self.tmp):
-            discard(Path(entry.path))
-            count += 1
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.tmp):
+                discard(Path(entry.path))
+                count += 1
         return count
 
     def __iter__(self) -> Iterator[tuple[Digest, int]]:

@@ -13,11 +13,16 @@ to the database, which SQLite reports through ``PRAGMA data_version``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import structlog
 
 from stowage.store.blobs import BlobStore
 
@@ -61,6 +66,26 @@ CREATE TABLE IF NOT EXISTS stats (
     value INTEGER NOT NULL
 );
 """
+
+log = structlog.get_logger("stowage.index")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def tolerant(method: Callable[P, R]) -> Callable[P, R | None]:
+    """A failed index write (disk full, read-only) is logged, never fatal:
+    the content is still served; it is only not remembered."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            log.warning("index write failed", operation=method.__name__, error=str(exc))
+            return None
+
+    return wrapper
+
 
 STAT_NAMES = ("hits", "misses", "stale", "errors", "bytes_from_cache", "bytes_from_upstream")
 
@@ -139,6 +164,7 @@ class Index:
         self._tag_access[key] = time.time()
         return entry
 
+    @tolerant
     def set_tag(self, registry: str, repository: str, tag: str, digest: str) -> None:
         now = time.time()
         self.db.execute(
@@ -172,6 +198,7 @@ class Index:
         self._access[("manifests", digest)] = time.time()
         return entry
 
+    @tolerant
     def add_manifest(
         self,
         registry: str,
@@ -202,6 +229,7 @@ class Index:
 
     # -- blobs ---------------------------------------------------------------
 
+    @tolerant
     def add_blob(self, digest: str, size: int) -> None:
         now = time.time()
         self.db.execute(
@@ -219,6 +247,7 @@ class Index:
     def bump(self, name: str, amount: int = 1) -> None:
         self._stats[name] = self._stats.get(name, 0) + amount
 
+    @tolerant
     def flush(self) -> None:
         """Write batched access times and counters (called periodically)."""
         if not (self._access or self._tag_access or self._stats):
@@ -414,5 +443,16 @@ class Index:
 
 
 def open_index(data: Path) -> tuple[BlobStore, Index]:
-    data.mkdir(parents=True, exist_ok=True)
-    return BlobStore(data), Index(data / "index.db")
+    """Open the cache in ``data``. An index that cannot be opened for writing
+    (read-only directory) leaves an in-memory one: stowage then passes
+    content through uncached instead of failing."""
+    with contextlib.suppress(OSError):
+        data.mkdir(parents=True, exist_ok=True)
+    store = BlobStore(data)
+    try:
+        return store, Index(data / "index.db")
+    except sqlite3.Error as exc:
+        log.warning(
+            "index unavailable: caching is off", path=str(data / "index.db"), error=str(exc)
+        )
+        return store, Index(Path(":memory:"))

@@ -154,10 +154,15 @@ class Upstream:
             )
 
     async def open_blob(
-        self, registry: str, repository: str, digest: str, method: str = "GET"
+        self,
+        registry: str,
+        repository: str,
+        digest: str,
+        method: str = "GET",
+        headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """Start a blob download; the caller reads and releases the response."""
-        resp = await self.request(method, registry, repository, f"blobs/{digest}")
+        resp = await self.request(method, registry, repository, f"blobs/{digest}", headers)
         try:
             self._raise_for(resp, registry, f"blob {repository}@{digest}")
         except BaseException:
