@@ -347,7 +347,7 @@ def _rate(p: Pass | None) -> str:
 def _speedup(direct: float | None, other: float | None) -> str:
     if direct is None or other is None or other <= 0:
         return "—"
-    return f"{direct / other:.2f}×"
+    return f"{direct / other:.2f}x"
 
 
 def render(report: BenchReport, console: Console) -> None:
@@ -410,8 +410,8 @@ def render(report: BenchReport, console: Console) -> None:
     console.print(table)
     if cold is not None and report.state == "cold":
         console.print(
-            f"cold through stowage: {cold.seconds / report.direct.seconds:.2f}× the direct time; "
-            f"warm: {report.warm.seconds / report.direct.seconds:.2f}×"
+            f"cold through stowage: {cold.seconds / report.direct.seconds:.2f}x the direct time; "
+            f"warm: {report.warm.seconds / report.direct.seconds:.2f}x"
         )
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")

@@ -276,3 +276,51 @@ def cache_warm(image: str, url: str, platform_: str) -> None:
         raise click.ClickException(f"cannot reach stowage at {url}: {exc}") from None
     except TimeoutError:
         raise click.ClickException(f"stowage at {url} timed out") from None
+
+
+@main.command("bench")
+@click.argument("image")
+@click.option(
+    "--url",
+    default="http://127.0.0.1:7439",
+    show_default=True,
+    help="Address of the running stowage to pull through.",
+)
+@click.option(
+    "--platform",
+    "platform_",
+    default=_host_platform,
+    show_default="host platform",
+    metavar="OS/ARCH[/VARIANT]",
+    help="Platform to pull from a multi-arch index.",
+)
+@click.option(
+    "--insecure", is_flag=True, help="Reach IMAGE's registry over plain HTTP for the direct pull."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench(image: str, url: str, platform_: str, insecure: bool, as_json: bool) -> None:
+    """Time pulling IMAGE directly from its registry and through a running stowage.
+
+    Pulls it three times, blob by blob, as containerd does: directly, through
+    stowage (cold, when stowage did not have it yet: detected from stowage's
+    /metrics) and through stowage again (warm). "cold" is only measured for
+    an image stowage has not cached yet; otherwise the report says "warm only".
+    """
+    from stowage import bench as bench_
+
+    try:
+        ref = parse_reference(image)
+        plat = Platform.parse(platform_)
+    except (InvalidReference, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    err = Console(stderr=True)
+    try:
+        report = bench_.run(
+            ref, plat, url, insecure=insecure, say=lambda m: err.print(m, style="dim")
+        )
+    except bench_.BenchError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        bench_.render(report, Console())

@@ -71,9 +71,14 @@ class _Flights:
         if fut is None:
             fut = asyncio.ensure_future(fetch())
             self.running[key] = fut
-            fut.add_done_callback(lambda _: self.running.pop(key, None))
+            fut.add_done_callback(lambda f: self._finished(key, f))
         # Shielded: a client that goes away does not cancel the others' fetch.
         return await asyncio.shield(fut)
+
+    def _finished(self, key: tuple[str, str, str], fut: asyncio.Future[Manifest]) -> None:
+        self.running.pop(key, None)
+        if not fut.cancelled():
+            fut.exception()  # retrieved here: every waiter may have gone
 
 
 class Proxy:
