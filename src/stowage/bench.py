@@ -359,15 +359,14 @@ def render(report: BenchReport, console: Console) -> None:
         "unknown": "FIRST (unknown)",
     }[report.state]
     table = Table(
-        "BLOB",
-        "SIZE",
-        "DIRECT",
-        cold_title,
-        "WARM",
-        "WARM SPEED-UP",
         title=f"{report.image} ({report.platform}) — {report.state}",
         caption=f"direct: {report.registry_url}   stowage: {report.stowage_url}",
     )
+    table.add_column("BLOB", no_wrap=True, min_width=12)
+    table.add_column("SIZE", no_wrap=True, justify="right")
+    for heading in ("DIRECT", cold_title, "WARM"):
+        table.add_column(heading, justify="right")
+    table.add_column("SPEED-UP", justify="right", no_wrap=True)
     first_shown = cold if cold else (report.first if report.state == "unknown" else None)
     for b in report.blobs:
         d = report.direct.blob_seconds.get(b.digest)

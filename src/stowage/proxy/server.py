@@ -115,7 +115,10 @@ def _middleware(proxy: Proxy):  # type: ignore[no-untyped-def]
             if exc.status == 404:
                 resp = OCIError(404, "NOT_FOUND", f"no route for {request.path}").response()
             elif exc.status == 405:
-                resp = OCIError(405, "UNSUPPORTED", f"{request.method} not allowed").response()
+                allow = {"Allow": exc.headers.get("Allow", "GET, HEAD")}
+                resp = OCIError(
+                    405, "UNSUPPORTED", f"{request.method} not allowed", allow
+                ).response()
             else:
                 raise
         except (asyncio.CancelledError, ConnectionResetError):
