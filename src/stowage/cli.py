@@ -122,6 +122,12 @@ def _open(data: Path | None, config: Path | None) -> tuple[Any, Any]:
     return open_index(settings.data)
 
 
+def _console() -> Console:
+    """Names are never cut short: piped output is as wide as it needs to be."""
+    console = Console()
+    return console if console.is_terminal else Console(width=10_000)
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -157,13 +163,15 @@ def cache_ls(data: Path | None, config: Path | None, as_json: bool) -> None:
             )
         )
         return
-    table = Table("IMAGE", "TAG", "DIGEST", "SIZE", "LAST USED", box=None)
+    table = Table(box=None)
+    for column in ("IMAGE", "TAG", "DIGEST", "SIZE", "LAST USED"):
+        table.add_column(column, no_wrap=True)
     for r in rows:
         used = dt.datetime.fromtimestamp(r.last_access).strftime("%Y-%m-%d %H:%M")
         table.add_row(
             f"{r.registry}/{r.repository}", r.tag or "<none>", r.digest[:19], _size(r.size), used
         )
-    Console().print(table)
+    _console().print(table)
 
 
 @cache.command("rm")
@@ -207,7 +215,7 @@ def cache_stats(data: Path | None, config: Path | None, as_json: bool) -> None:
     for name, value in stats.items():
         shown = _size(value) if name.startswith(("bytes", "cache_size")) else str(value)
         table.add_row(name.replace("_", " "), shown)
-    Console().print(table)
+    _console().print(table)
 
 
 def _host_platform() -> str:

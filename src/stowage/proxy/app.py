@@ -124,6 +124,8 @@ class Proxy:
             self.config.known_registries,
         )
         request["route"] = route.kind
+        if route.mirror:
+            request["oci_namespace"] = route.registry
         resp: web.StreamResponse
         try:
             if route.kind == "manifests":
@@ -134,8 +136,6 @@ class Proxy:
                 resp = await self._tags(request, route)
         except UpstreamError as exc:
             raise self._upstream_error(exc, route) from exc
-        if route.mirror:
-            resp.headers["OCI-Namespace"] = route.registry
         return resp
 
     def _upstream_error(self, exc: UpstreamError, route: Route) -> OCIError:
@@ -345,10 +345,9 @@ class Proxy:
                 route.registry, route.repository, str(digest), method="HEAD"
             )
             upstream.release()
-            head = web.Response(headers={hdrs.CONTENT_TYPE: BLOB_TYPE, **headers})
             if upstream.content_length is not None:
-                head.content_length = upstream.content_length
-            return head
+                headers[hdrs.CONTENT_LENGTH] = str(upstream.content_length)
+            return web.Response(headers={hdrs.CONTENT_TYPE: BLOB_TYPE, **headers})
         if fill is None:
             if self.fills.degraded():
                 return await self._pass_through(request, route, digest, headers)
@@ -541,6 +540,13 @@ class Proxy:
                 raise
             request["result"] = "stale"
             return web.json_response({"name": route.repository, "tags": tags}, headers=API_VERSION)
+
+    @staticmethod
+    async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        """Mirror-mode answers name the registry they came from, streamed ones too."""
+        namespace = request.get("oci_namespace")
+        if namespace:
+            response.headers["OCI-Namespace"] = namespace
 
     # -- operations ----------------------------------------------------------
 

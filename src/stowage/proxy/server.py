@@ -69,6 +69,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", proxy.metrics_handler)
     app.router.add_get("/healthz", _ok)
     app.router.add_get("/readyz", _ok)
+    app.on_response_prepare.append(proxy.on_response_prepare)
     app.cleanup_ctx.append(_lifecycle(proxy))
     return app
 
