@@ -95,7 +95,13 @@ class Proxy:
         self.index = index
         self.upstream = upstream
         self.metrics = metrics
-        self.fills = Fills(store, index, upstream, metrics.fills_in_flight.set)
+        self.fills = Fills(
+            store,
+            index,
+            upstream,
+            on_change=metrics.fills_in_flight.set,
+            on_mismatch=lambda registry: metrics.digest_mismatches.labels(registry).inc(),
+        )
         self._flights = _Flights()
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._manifest_bytes = 0
@@ -148,7 +154,6 @@ class Proxy:
         if isinstance(exc, UpstreamDenied):
             return OCIError(403, "DENIED", f"{where}: {exc}")
         if isinstance(exc, DigestMismatch):
-            self.metrics.digest_mismatches.labels(route.registry).inc()
             return OCIError(502, "DIGEST_INVALID", str(exc))
         if isinstance(exc, UpstreamUnavailable) and exc.status == 429:
             retry = exc.retry_after
@@ -235,21 +240,12 @@ class Proxy:
         fetched = await self.upstream.fetch_manifest(route.registry, route.repository, ref)
         algorithm = expected.algorithm if expected else "sha256"
         digest = Digest.of(fetched.body, algorithm)
-        if expected is not None and digest != expected:
-            raise DigestMismatch(
-                route.registry, f"manifest {expected} arrived with digest {digest}", status=502
-            )
-        if (
-            fetched.digest
-            and fetched.digest.startswith(f"{algorithm}:")
-            and fetched.digest != str(digest)
-        ):
-            raise DigestMismatch(
-                route.registry,
-                f"manifest {route.repository}:{ref} has digest {digest}, "
-                f"upstream claimed {fetched.digest}",
-                status=502,
-            )
+        try:
+            self._check_manifest_digest(route, ref, fetched.digest, digest, expected)
+        except DigestMismatch:
+            # Counted here, once per upstream fetch, not once per waiting client.
+            self.metrics.digest_mismatches.labels(route.registry).inc()
+            raise
         try:
             media_type, refs = parse_manifest(fetched.body, fetched.content_type)
         except InvalidManifest as exc:
@@ -278,6 +274,22 @@ class Proxy:
             self.index.set_tag(route.registry, route.repository, ref, str(digest))
         self._remember(manifest)
         return manifest
+
+    @staticmethod
+    def _check_manifest_digest(
+        route: Route, ref: str, claimed: str | None, digest: Digest, expected: Digest | None
+    ) -> None:
+        if expected is not None and digest != expected:
+            raise DigestMismatch(
+                route.registry, f"manifest {expected} arrived with digest {digest}", status=502
+            )
+        if claimed and claimed.startswith(f"{digest.algorithm}:") and claimed != str(digest):
+            raise DigestMismatch(
+                route.registry,
+                f"manifest {route.repository}:{ref} has digest {digest}, "
+                f"upstream claimed {claimed}",
+                status=502,
+            )
 
     def _load_manifest(self, entry: ManifestEntry) -> Manifest | None:
         manifest = self._manifests.get(entry.digest)

@@ -262,6 +262,7 @@ class Fills:
         index: Index,
         upstream: Upstream,
         on_change: Callable[[int], None] = lambda n: None,
+        on_mismatch: Callable[[str], None] = lambda registry: None,
     ) -> None:
         self._store = store
         self._index = index
@@ -269,6 +270,7 @@ class Fills:
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_change = on_change
+        self._on_mismatch = on_mismatch
         self._degraded_until = 0.0
 
     def degraded(self) -> bool:
@@ -297,6 +299,10 @@ class Fills:
             await fill.run()
             if isinstance(fill.error, CacheUnavailable):
                 self._degraded_until = time.monotonic() + DEGRADED_RETRY
+            elif isinstance(fill.error, DigestMismatch):
+                # Counted once per fill, however many clients it had.
+                log.warning("digest mismatch: blob rejected", digest=key, registry=fill.registry)
+                self._on_mismatch(fill.registry)
         finally:
             if self._fills.get(key) is fill:
                 del self._fills[key]
