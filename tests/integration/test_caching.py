@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
@@ -35,7 +34,7 @@ from tests.support.images import PushedImage, push_image
 from tests.support.regclient import ACCEPT_ALL_MANIFESTS, OCI_MANIFEST, sha256_digest
 from tests.support.registry import Registry
 from tests.support.stowage import Stowage
-from tests.support.util import HarnessError, free_port
+from tests.support.util import HarnessError, Service, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -77,7 +76,7 @@ class Transfer:
     aborted: bool = False
 
 
-class FakeUpstream:
+class FakeUpstream(Service):
     """A minimal plain-HTTP OCI registry on its own thread and event loop (so it keeps serving
     while a test blocks or runs its own loop)."""
 
@@ -221,17 +220,6 @@ class FakeUpstream:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @pytest.fixture

@@ -12,10 +12,9 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from tests.support.util import HarnessError, ManagedProcess, tail, wait_until
+from tests.support.util import HarnessError, ManagedProcess, Service, tail, wait_until
 
 NAMESPACE = "test"
 START_TIMEOUT = 30.0
@@ -93,7 +92,7 @@ def write_hosts_toml(
     return path
 
 
-class Containerd:
+class Containerd(Service):
     def __init__(self, workdir: Path | None = None, *, hosts_dir: Path | None = None) -> None:
         # Unix socket paths are limited to ~108 bytes and pytest tmp paths can be long, so
         # the socket and state (which holds more sockets) live in a short mkdtemp dir.
@@ -190,17 +189,6 @@ disabled_plugins = [{disabled}]
         self._short.cleanup()
         if self._tmp is not None:
             self._tmp.cleanup()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- ctr ------------------------------------------------------------------------------
 

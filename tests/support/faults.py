@@ -15,12 +15,11 @@ import asyncio
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Self
 
 from aiohttp import web
 
-from tests.support.util import HarnessError, free_port
+from tests.support.util import HarnessError, Service, free_port
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class FaultRequest:
     headers: dict[str, str]
 
 
-class FaultServer:
+class FaultServer(Service):
     def __init__(
         self,
         port: int | None = None,
@@ -135,17 +134,6 @@ class FaultServer:
         self._thread = None
         self._loop = None
         self._runner = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- observation ----------------------------------------------------------------------
 

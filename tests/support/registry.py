@@ -22,7 +22,6 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, Self
 
 import yaml
@@ -33,6 +32,7 @@ from tests.support.util import (
     AccessLogEntry,
     HarnessError,
     ManagedProcess,
+    Service,
     count_entries,
     free_port,
     parse_access_log,
@@ -154,7 +154,7 @@ class TokenIssuer:
         return [json.loads(line) for line in self.events_file.read_text().splitlines() if line]
 
 
-class Registry:
+class Registry(Service):
     """A Distribution registry subprocess on 127.0.0.1 with filesystem storage."""
 
     def __init__(
@@ -336,17 +336,6 @@ class Registry:
 
     def running(self) -> bool:
         return self.process.running()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- access log -----------------------------------------------------------------------
 

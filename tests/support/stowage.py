@@ -14,7 +14,6 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Literal, Self
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,6 +22,7 @@ from tests.support.regclient import RegistryClient, Response
 from tests.support.util import (
     HarnessError,
     ManagedProcess,
+    Service,
     free_port,
     port_open,
     tail,
@@ -34,7 +34,7 @@ READY_TIMEOUT = 30.0
 MetricKey = tuple[str, frozenset[tuple[str, str]]]
 
 
-class Stowage:
+class Stowage(Service):
     def __init__(
         self,
         data_dir: Path,
@@ -172,17 +172,6 @@ class Stowage:
     @property
     def returncode(self) -> int | None:
         return self.process.proc.returncode if self.process.proc else None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def log_tail(self, lines: int = 60) -> str:
         return tail(self.log_file, lines)

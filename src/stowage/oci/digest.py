@@ -34,11 +34,12 @@ _SUPPORTED: dict[str, tuple[Callable[[], _Hash], re.Pattern[str], int]] = {
     "sha512": (hashlib.sha512, re.compile(r"[a-f0-9]{128}"), 128),
 }
 
-# Digests come from untrusted request paths; keep error messages bounded.
+# Digests and references come from untrusted input (request paths, pod specs):
+# keep the error messages that quote them bounded.
 _MAX_QUOTED = 100
 
 
-def _quote(s: str) -> str:
+def quote_bounded(s: str) -> str:
     if len(s) > _MAX_QUOTED:
         return repr(s[:_MAX_QUOTED]) + f"... ({len(s)} characters)"
     return repr(s)
@@ -61,21 +62,23 @@ def _check(algorithm: str, encoded: str) -> None:
     text = f"{algorithm}:{encoded}"
     if not _GRAMMAR.fullmatch(text):
         if not algorithm:
-            raise InvalidDigest(f"digest {_quote(text)} has an empty algorithm")
+            raise InvalidDigest(f"digest {quote_bounded(text)} has an empty algorithm")
         if not encoded:
-            raise InvalidDigest(f"digest {_quote(text)} has an empty encoded part")
+            raise InvalidDigest(f"digest {quote_bounded(text)} has an empty encoded part")
         raise InvalidDigest(
-            f"digest {_quote(text)} does not match the OCI digest grammar algorithm:encoded"
+            f"digest {quote_bounded(text)} does not match the OCI digest grammar algorithm:encoded"
         )
     spec = _SUPPORTED.get(algorithm)
     if spec is None:
         supported = ", ".join(sorted(_SUPPORTED))
         raise UnsupportedDigest(
-            f"digest algorithm {_quote(algorithm)} is not supported (supported: {supported})"
+            f"digest algorithm {quote_bounded(algorithm)} is not supported (supported: {supported})"
         )
     _, pattern, length = spec
     if not pattern.fullmatch(encoded):
-        raise InvalidDigest(f"digest {_quote(text)} is not {length} lowercase hex characters")
+        raise InvalidDigest(
+            f"digest {quote_bounded(text)} is not {length} lowercase hex characters"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +103,9 @@ class Digest:
     def parse(cls, s: str) -> Digest:
         """Parse ``algorithm:hex``; raises InvalidDigest (or UnsupportedDigest)."""
         if ":" not in s:
-            raise InvalidDigest(f"digest {_quote(s)} has no algorithm prefix (expected algo:hex)")
+            raise InvalidDigest(
+                f"digest {quote_bounded(s)} has no algorithm prefix (expected algo:hex)"
+            )
         algorithm, _, encoded = s.partition(":")
         return cls(algorithm, encoded)
 
@@ -111,7 +116,8 @@ class Digest:
         if spec is None:
             supported = ", ".join(sorted(_SUPPORTED))
             raise UnsupportedDigest(
-                f"digest algorithm {_quote(algorithm)} is not supported (supported: {supported})"
+                f"digest algorithm {quote_bounded(algorithm)} is not supported "
+                f"(supported: {supported})"
             )
         h = spec[0]()
         h.update(data)

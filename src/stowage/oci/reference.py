@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from stowage.oci.digest import Digest, InvalidDigest
+from stowage.oci.digest import quote_bounded as _quote
 
 __all__ = [
     "DOCKER_HUB",
@@ -64,15 +65,6 @@ _IPV6_LITERAL = re.compile(r"\[([a-fA-F0-9:]+)\]")
 _PORT = re.compile(r"[0-9]{1,5}")
 # A bare 64-hex string is an image ID to Docker, so it may not be used as a name.
 _IMAGE_ID = re.compile(r"[a-f0-9]{64}")
-
-# References come from untrusted input (pod specs, request paths); bound error messages.
-_MAX_QUOTED = 100
-
-
-def _quote(s: str) -> str:
-    if len(s) > _MAX_QUOTED:
-        return repr(s[:_MAX_QUOTED]) + f"... ({len(s)} characters)"
-    return repr(s)
 
 
 class InvalidReference(ValueError):
