@@ -360,7 +360,8 @@ def render(report: BenchReport, console: Console) -> None:
     }[report.state]
     table = Table(
         title=f"{report.image} ({report.platform}) — {report.state}",
-        caption=f"direct: {report.registry_url}   stowage: {report.stowage_url}",
+        caption=f"direct: {report.registry_url}   stowage: {report.stowage_url}   "
+        "speed-up: direct / warm",
     )
     table.add_column("BLOB", no_wrap=True, min_width=12)
     table.add_column("SIZE", no_wrap=True, justify="right")

@@ -553,6 +553,7 @@ async def test_twenty_clients_of_one_uncached_blob_make_one_upstream_get(
     assert await asyncio.to_thread(reg.blob_gets, digest, since=since) == 1
     # The clients really overlapped (misses joined the fill rather than hitting the cache).
     assert await asyncio.to_thread(requests_metric, stowage, "blobs", "miss") >= 2
+    await until(lambda: blob_file(stowage, digest).exists(), 5, "the fill to be committed")
     assert blob_file(stowage, digest).stat().st_size == size
 
 
@@ -740,6 +741,8 @@ async def test_blob_digest_mismatch_is_rejected_and_not_stored(
         # Not negatively cached: the next request asks upstream again (now behaving).
         fake_upstream.set_blob(digest, FakeBlob(good))
         assert await get_and_hash(session, url) == (200, digest, size)
+        # Clients get the verified last byte before the fsync; the commit follows.
+        await until(lambda: blob_file(stowage, digest).exists(), 5, "the fill to be committed")
     assert fake_upstream.count("GET", f"/blobs/{digest}") == 2
     assert blob_file(stowage, digest).read_bytes() == good
     assert await asyncio.to_thread(stowage.metric, "stowage_digest_mismatches") == before + 1
@@ -810,6 +813,7 @@ async def test_upstream_cut_mid_blob_stores_nothing_and_next_request_fills(
         fake_upstream.set_blob(digest, FakeBlob(data))
         assert await get_and_hash(session, url) == (200, digest, size)
     assert fake_upstream.count("GET", f"/blobs/{digest}") == 2
+    await until(lambda: blob_file(stowage, digest).exists(), 5, "the fill to be committed")
     assert blob_file(stowage, digest).stat().st_size == size
 
 
@@ -851,8 +855,9 @@ async def test_kill9_mid_fill_leaves_no_partial_blob(
     fake_upstream.set_blob(digest, FakeBlob(data, chunk=MiB))
     async with client_session() as session:
         assert await get_and_hash(session, url) == (200, digest, size)
+        await until(lambda: blob_file(stowage, digest).exists(), 5, "the fill to be committed")
     assert blob_file(stowage, digest).read_bytes() == data
-    assert index_rows(stowage, "blobs") == {digest: size}
+    await until(lambda: index_rows(stowage, "blobs") == {digest: size}, 5, "the index row")
 
 
 def test_kill9_after_complete_pull_serves_everything_from_cache(

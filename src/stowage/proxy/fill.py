@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
@@ -32,7 +33,7 @@ log = structlog.get_logger("stowage.fill")
 
 # Bytes received but not yet written before the download waits for the disk:
 # bounds memory per fill whatever the speed of either side.
-MAX_QUEUED = 8 * 1024 * 1024
+MAX_QUEUED = 4 * 1024 * 1024
 READ_SIZE = 1024 * 1024
 
 
@@ -70,6 +71,7 @@ class Fill:
         self.path: Path | None = None
         self.written = 0
         self.done = False
+        self.verified = False
         self.error: BaseException | None = None
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._changed = asyncio.Event()
@@ -89,7 +91,7 @@ class Fill:
 
     def readable(self) -> int:
         """Bytes a client may read now: all once verified, else all but the last."""
-        if self.done:
+        if self.verified:
             return self.written
         return max(0, self.written - 1)
 
@@ -106,7 +108,7 @@ class Fill:
     async def run(self) -> None:
         fd: int | None = None
         temp: Path | None = None
-        writer: asyncio.Future[str] | None = None
+        writer: asyncio.Future[None] | None = None  # the writer thread is done
         try:
             try:
                 fd, temp = self._store.new_temp()
@@ -116,20 +118,22 @@ class Fill:
             resp = await self._upstream.open_blob(self.registry, self.repository, str(self.digest))
             async with resp:
                 self.size = resp.content_length
+                hashed: asyncio.Future[str] = self._loop.create_future()
                 writer = self._loop.create_future()
                 threading.Thread(
-                    target=self._write_thread, args=(fd, writer), daemon=True, name="fill-writer"
+                    target=self._write_thread,
+                    args=(fd, hashed, writer),
+                    daemon=True,
+                    name="fill-writer",
                 ).start()
+                fd = None  # the writer thread closes it
                 self._ready.set_result(None)
                 await self._download(resp)
             self._queue.put(None)
             try:
-                actual = await writer
+                actual = await hashed
             except OSError as exc:
                 raise CacheUnavailable(f"cannot write blob: {exc}") from exc
-            finally:
-                writer = None
-                fd = None  # closed by the writer thread
             if actual != self.digest.hex:
                 raise DigestMismatch(
                     self.registry,
@@ -141,6 +145,16 @@ class Fill:
                     self.registry,
                     f"blob {self.digest} ended at {self.written} of {self.size} bytes",
                 )
+            # Verified: clients get the last byte now; durability is the cache's
+            # business, not theirs, so they do not wait for the fsync.
+            self.verified = True
+            self._wake()
+            try:
+                await writer
+            except OSError as exc:
+                raise CacheUnavailable(f"cannot persist blob: {exc}") from exc
+            finally:
+                writer = None
             try:
                 self.path = self._store.commit(temp, self.digest)
             except OSError as exc:
@@ -198,7 +212,9 @@ class Fill:
                 self.registry, f"blob {self.digest} cut short after {self.written} bytes: {exc}"
             ) from exc
 
-    def _write_thread(self, fd: int, result: asyncio.Future[str]) -> None:
+    def _write_thread(
+        self, fd: int, hashed: asyncio.Future[str], finished: asyncio.Future[None]
+    ) -> None:
         hasher = self.digest.hasher()
         error: BaseException | None = None
         while True:
@@ -221,6 +237,8 @@ class Fill:
                 self._notify_pending = True
             if notify:
                 self._loop.call_soon_threadsafe(self._progress)
+        digest = hasher.hexdigest() if error is None else None
+        self._loop.call_soon_threadsafe(_settle, hashed, digest, error)
         try:
             if error is None:
                 os.fsync(fd)
@@ -228,10 +246,7 @@ class Fill:
             error = exc
         finally:
             os.close(fd)
-        if error is not None:
-            self._loop.call_soon_threadsafe(_settle, result, None, error)
-        else:
-            self._loop.call_soon_threadsafe(_settle, result, hasher.hexdigest(), None)
+        self._loop.call_soon_threadsafe(_settle, finished, None, error)
 
     def _progress(self) -> None:
         with self._lock:
@@ -243,13 +258,13 @@ class Fill:
         self._wake()
 
 
-def _settle(fut: asyncio.Future[str], value: str | None, error: BaseException | None) -> None:
+def _settle(fut: asyncio.Future[Any], value: object, error: BaseException | None) -> None:
     if fut.done():
         return
     if error is not None:
         fut.set_exception(error)
+        fut.exception()  # retrieved: whoever awaits it re-raises it
     else:
-        assert value is not None
         fut.set_result(value)
 
 
