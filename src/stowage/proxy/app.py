@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -14,6 +15,7 @@ from urllib.parse import urlencode
 import aiohttp
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stowage.oci.digest import Digest, InvalidDigest, UnsupportedDigest, is_digest
@@ -346,7 +348,7 @@ class Proxy:
             if request.method == hdrs.METH_GET:
                 request["bytes"] = ("cache", _served_length(request, size))
             # sendfile, Range and HEAD handled by aiohttp.
-            return web.FileResponse(
+            return CorkedFileResponse(
                 path, chunk_size=CHUNK, headers={hdrs.CONTENT_TYPE: BLOB_TYPE, **headers}
             )
 
@@ -579,6 +581,32 @@ class Proxy:
             body=generate_latest(self.metrics.registry),
             headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST},
         )
+
+
+class CorkedFileResponse(web.FileResponse):
+    """A file body sent with TCP_CORK: full segments, as nginx sends them.
+
+    aiohttp's sockets are TCP_NODELAY, which makes sendfile push many small
+    segments; corking for the duration of the body is measurably faster."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        corked = _cork(sock, True)
+        try:
+            return await super().prepare(request)
+        finally:
+            if corked:
+                _cork(sock, False)
+
+
+def _cork(sock: socket.socket | None, on: bool) -> bool:
+    if sock is None or not hasattr(socket, "TCP_CORK"):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+    except OSError:
+        return False
+    return True
 
 
 def _abort(request: web.Request) -> None:

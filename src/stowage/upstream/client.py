@@ -20,6 +20,7 @@ from stowage.oci.reference import api_host
 from stowage.upstream.auth import Challenge, Credentials, parse_challenge
 
 MAX_REDIRECTS = 5
+READ_BUFSIZE = 1024 * 1024
 # Without a Retry-After, a 429 still pauses requests to that registry this long;
 # with one, it is honoured up to the cap (a broken header must not stall us for days).
 DEFAULT_BACKOFF = 5.0
@@ -103,6 +104,8 @@ class Upstream:
             # Blobs must pass through byte for byte: never decode a body.
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
+            # Larger reads mean fewer trips through the parser for multi-GB blobs.
+            read_bufsize=READ_BUFSIZE,
             timeout=self._timeout(),
         )
 
