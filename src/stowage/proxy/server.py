@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from stowage.upstream.client import Upstream, UpstreamConfig
 log = structlog.get_logger("stowage.server")
 
 FLUSH_INTERVAL = 5.0
+M_MMAP_THRESHOLD = -3  # mallopt parameter, from glibc's malloc.h
 STAT_OF_RESULT = {"hit": "hits", "miss": "misses", "stale": "stale", "error": "errors"}
 
 
@@ -160,7 +162,17 @@ def _log_request(request: web.Request, status: int, start: float) -> None:
     )
 
 
+def _steady_malloc() -> None:
+    """Keep RSS flat however large the blobs: glibc raises its mmap threshold
+    after large frees, after which every 1 MiB read buffer comes from the
+    heap and stays there. A fixed threshold returns such buffers at once."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 256 * 1024)
+
+
 def run(settings: Settings) -> None:
+    _steady_malloc()
     host, port = settings.host_port
     app = build_app(settings)
     log.info(
