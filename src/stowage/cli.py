@@ -224,22 +224,30 @@ def _host_platform() -> str:
     return f"linux/{arch}"
 
 
+def _url_option(purpose: str) -> Callable[[F], F]:
+    return click.option(
+        "--url",
+        default="http://127.0.0.1:7439",
+        show_default=True,
+        help=f"Address of the running stowage to {purpose}.",
+    )
+
+
+def _platform_option(f: F) -> F:
+    return click.option(
+        "--platform",
+        "platform_",
+        default=_host_platform,
+        show_default="host platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="Platform to pull from a multi-arch index.",
+    )(f)
+
+
 @cache.command("warm")
 @click.argument("image")
-@click.option(
-    "--url",
-    default="http://127.0.0.1:7439",
-    show_default=True,
-    help="Address of the running stowage to fill.",
-)
-@click.option(
-    "--platform",
-    "platform_",
-    default=_host_platform,
-    show_default="host platform",
-    metavar="OS/ARCH[/VARIANT]",
-    help="Platform to fetch from a multi-arch index.",
-)
+@_url_option("fill")
+@_platform_option
 def cache_warm(image: str, url: str, platform_: str) -> None:
     """Fill the cache with IMAGE by pulling it through a running stowage."""
     from stowage.pull import PullError, pull
@@ -288,20 +296,8 @@ def cache_warm(image: str, url: str, platform_: str) -> None:
 
 @main.command("bench")
 @click.argument("image")
-@click.option(
-    "--url",
-    default="http://127.0.0.1:7439",
-    show_default=True,
-    help="Address of the running stowage to pull through.",
-)
-@click.option(
-    "--platform",
-    "platform_",
-    default=_host_platform,
-    show_default="host platform",
-    metavar="OS/ARCH[/VARIANT]",
-    help="Platform to pull from a multi-arch index.",
-)
+@_url_option("pull through")
+@_platform_option
 @click.option(
     "--insecure", is_flag=True, help="Reach IMAGE's registry over plain HTTP for the direct pull."
 )
