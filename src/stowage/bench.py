@@ -30,6 +30,8 @@ from rich.table import Table
 from stowage.oci.manifest import Platform
 from stowage.oci.reference import Reference, api_host, encode_registry
 from stowage.pull import PullError, PullResult, pull
+from stowage.units import format_size
+from stowage.upstream.auth import parse_challenge
 
 DEFAULT_URL = "http://127.0.0.1:7439"
 MISS_METRIC = "stowage_requests_total"
@@ -276,13 +278,14 @@ async def _anonymous_auth(
         if resp.status != 401:
             return {}
         challenge = resp.headers.get("WWW-Authenticate", "")
-    scheme, _, rest = challenge.partition(" ")
-    if scheme.lower() != "bearer":
+    parsed = parse_challenge(challenge)
+    if parsed is None or parsed.scheme != "bearer":
+        scheme = parsed.scheme if parsed else "unknown"
         raise BenchError(
-            f"registry at {base} asks for {scheme or 'unknown'} credentials; "
+            f"registry at {base} asks for {scheme} credentials; "
             "stowage bench pulls directly only anonymously"
         )
-    params = _challenge_params(rest)
+    params = parsed.params
     if "realm" not in params:
         raise BenchError(f"registry at {base} sent a Bearer challenge without a realm")
     query = {"scope": f"repository:{repository}:pull"}
@@ -300,15 +303,6 @@ async def _anonymous_auth(
     return {"Authorization": f"Bearer {token}"}
 
 
-def _challenge_params(text: str) -> dict[str, str]:
-    params: dict[str, str] = {}
-    for part in text.split(","):
-        key, eq, value = part.strip().partition("=")
-        if eq:
-            params[key.strip().lower()] = value.strip().strip('"')
-    return params
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
@@ -324,14 +318,6 @@ def _round(value: float | None) -> float | None:
 
 
 # --- rendering ----------------------------------------------------------------------------
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def format_seconds(s: float | None) -> str:

@@ -6,9 +6,10 @@ import asyncio
 import datetime as dt
 import json
 import platform as host_platform
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import click
@@ -20,6 +21,11 @@ from stowage import __version__
 from stowage.oci.manifest import Platform
 from stowage.oci.reference import InvalidReference, encode_registry, parse_reference
 from stowage.settings import ConfigError, Settings, load_settings
+from stowage.units import format_size
+
+if TYPE_CHECKING:  # the store is imported only by the commands that use it
+    from stowage.store.blobs import BlobStore
+    from stowage.store.index import Index
 from stowage.upstream.auth import AuthFileError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -81,6 +87,7 @@ def main() -> None:
 @click.option(
     "--revalidate-timeout", type=float, metavar="SECONDS", help=_help("revalidate_timeout")
 )
+@click.option("--cache-retry", type=float, metavar="SECONDS", help=_help("cache_retry"))
 @click.option("--log-format", type=click.Choice(["plain", "json"]), help=_help("log_format"))
 @click.option(
     "--log-level",
@@ -113,12 +120,19 @@ def cache() -> None:
     """Inspect and manage the cache in a data directory."""
 
 
-def _open(data: Path | None, config: Path | None) -> tuple[Any, Any]:
+def _open(data: Path | None, config: Path | None) -> tuple[BlobStore, Index]:
     from stowage.store.index import open_index
+    from stowage.store.reindex import inspect_index
 
     settings = _settings(config_file=config, data=data)
     if not (settings.data / "index.db").exists():
         raise click.ClickException(f"no stowage cache in {settings.data} (use --data)")
+    state, problem = inspect_index(settings.data / "index.db")
+    if state == "corrupt":
+        raise click.ClickException(
+            f"the index in {settings.data} is unreadable ({problem}): "
+            "run stowage cache reindex (stowage serve rebuilds it at start-up)"
+        )
     return open_index(settings.data)
 
 
@@ -126,14 +140,6 @@ def _console() -> Console:
     """Names are never cut short: piped output is as wide as it needs to be."""
     console = Console()
     return console if console.is_terminal else Console(width=10_000)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 @cache.command("ls")
@@ -169,7 +175,11 @@ def cache_ls(data: Path | None, config: Path | None, as_json: bool) -> None:
     for r in rows:
         used = dt.datetime.fromtimestamp(r.last_access).strftime("%Y-%m-%d %H:%M")
         table.add_row(
-            f"{r.registry}/{r.repository}", r.tag or "<none>", r.digest[:19], _size(r.size), used
+            f"{r.registry}/{r.repository}",
+            r.tag or "<none>",
+            r.digest[:19],
+            format_size(r.size),
+            used,
         )
     _console().print(table)
 
@@ -197,7 +207,7 @@ def cache_rm(image: str, data: Path | None, config: Path | None) -> None:
         parsed = Digest.parse(digest)
         freed += store.size(parsed) or 0
         store.remove(parsed)
-    click.echo(f"removed {ref}: {len(removed)} files, {_size(freed)} freed")
+    click.echo(f"removed {ref}: {len(removed)} files, {format_size(freed)} freed")
 
 
 @cache.command("stats")
@@ -213,9 +223,88 @@ def cache_stats(data: Path | None, config: Path | None, as_json: bool) -> None:
         return
     table = Table("STAT", "VALUE", box=None)
     for name, value in stats.items():
-        shown = _size(value) if name.startswith(("bytes", "cache_size")) else str(value)
+        shown = format_size(value) if name.startswith(("bytes", "cache_size")) else str(value)
         table.add_row(name.replace("_", " "), shown)
     _console().print(table)
+
+
+@cache.command("verify")
+@_data_option
+@_config_option
+def cache_verify(data: Path | None, config: Path | None) -> None:
+    """Rehash every cached file; remove the corrupt ones and their index entries.
+
+    Removed content (and the tags of a removed manifest) is fetched again from
+    upstream on the next request. Safe while stowage serves the directory.
+    Exit status: 0 all content verified, 1 something was removed, 2 the cache
+    could not be checked.
+    """
+    from stowage.store.verify import verify
+
+    try:
+        store, index = _open(data, config)
+        try:
+            report = verify(store, index)
+        finally:
+            index.close()
+    except click.ClickException as exc:
+        exc.exit_code = 2
+        raise
+    except (OSError, sqlite3.Error) as exc:
+        error = click.ClickException(f"cannot verify the cache: {exc}")
+        error.exit_code = 2
+        raise error from None
+    for f in report.findings:
+        what = "removed" if f.problem == "corrupt" else "index entry dropped"
+        click.echo(f"{f.problem} {f.kind} {f.digest}: {f.detail} ({what})")
+        for tag in f.tags:
+            click.echo(f"  tag {tag} dropped with it")
+    corrupt = sum(f.problem == "corrupt" for f in report.findings)
+    missing = len(report.findings) - corrupt
+    click.echo(
+        f"verified {report.files} files ({format_size(report.bytes)}): "
+        f"{corrupt} corrupt removed, {missing} index entries without a file dropped"
+    )
+    if not report.clean:
+        click.echo("removed content is fetched again from upstream on the next request")
+        raise SystemExit(1)
+
+
+@cache.command("reindex")
+@_data_option
+@_config_option
+def cache_reindex(data: Path | None, config: Path | None) -> None:
+    """Rebuild the index from the content on disk.
+
+    Every file under blobs/ is indexed again, manifests with their references.
+    A corrupt index is moved aside (index.db.corrupt-<time>) and rebuilt from
+    nothing; then tags and repository names are lost, since content does not
+    record them: content stays served by digest and a pull by tag restores the
+    tag. A readable index keeps its tags. stowage serve does this by itself at
+    start-up when the index is lost or unreadable.
+    """
+    from stowage.store.reindex import LOST_NOTE, reindex
+
+    settings = _settings(config_file=config, data=data)
+    if not ((settings.data / "blobs").is_dir() or (settings.data / "index.db").exists()):
+        raise click.ClickException(f"no stowage cache in {settings.data} (use --data)")
+    try:
+        report = reindex(settings.data)
+    except (OSError, sqlite3.Error) as exc:
+        raise click.ClickException(f"cannot rebuild the index in {settings.data}: {exc}") from None
+    if report.moved_aside is not None:
+        click.echo(f"index unreadable ({report.reason}): moved aside to {report.moved_aside}")
+    elif report.reason:
+        click.echo(f"no index ({report.reason})")
+    for digest in report.corrupt_removed:
+        click.echo(f"corrupt manifest {digest} removed")
+    click.echo(
+        f"indexed {report.blobs} blobs and {report.manifests} manifests "
+        f"({format_size(report.bytes)}); {report.tags_kept} tags kept, "
+        f"{report.tags_dropped} dropped"
+    )
+    if report.reason:
+        click.echo(f"note: {LOST_NOTE}")
 
 
 def _host_platform() -> str:
@@ -281,7 +370,7 @@ def cache_warm(image: str, url: str, platform_: str) -> None:
                 )
         click.echo(
             f"cached {ref} ({result.manifest_digest}): {len(result.blobs)} blobs, "
-            f"{_size(result.total_bytes)} in {result.seconds:.1f}s"
+            f"{format_size(result.total_bytes)} in {result.seconds:.1f}s"
         )
 
     try:

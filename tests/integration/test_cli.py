@@ -148,6 +148,7 @@ def _pull(stowage: Stowage, registry: Registry, image: PushedImage) -> None:
         blob = stowage.get(f"/v2/{name}/blobs/{digest}")
         assert blob.status == 200, blob.body
         assert sha256_digest(blob.body) == digest
+    stowage.settle()
 
 
 def _blob_file(data_dir: Path, digest: str) -> Path:
@@ -440,6 +441,7 @@ def test_cache_warm_fills_one_platform_through_running_stowage(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert multi.manifest_digest in proc.stdout
+    st.settle()
     for digest, _ in arm.blobs:
         assert _blob_file(st.data_dir, digest).exists(), digest
     for digest, _ in amd.blobs:

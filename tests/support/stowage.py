@@ -27,6 +27,7 @@ from tests.support.util import (
     port_open,
     tail,
     wait_port_closed,
+    wait_until,
 )
 
 READY_TIMEOUT = 30.0
@@ -192,6 +193,15 @@ class Stowage(Service):
             for sample in family.samples:
                 out[(sample.name, frozenset(sample.labels.items()))] = float(sample.value)
         return out
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until no fill is in flight: clients get a blob's last byte once it is
+        verified, and the file is committed (fsync, rename, index) just after."""
+        wait_until(
+            lambda: self.metric("stowage_fills_in_flight") == 0,
+            timeout=timeout,
+            describe=lambda: "fills to be committed",
+        )
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of samples named ``name`` (or ``name_total``) whose labels include ``labels``.

@@ -40,6 +40,8 @@ READ_SIZE = 1024 * 1024
 # After the disk refused a fill (full, read-only), blobs are passed through
 # uncached for this long before caching is tried again.
 DEGRADED_RETRY = 30.0
+# How long shutdown waits for verified blobs to be fsynced and committed.
+COMMIT_WAIT = 30.0
 
 
 class DigestMismatch(UpstreamInvalid):
@@ -169,12 +171,7 @@ class Fill:
                 self._ready.set_exception(exc)
                 self._ready.exception()  # retrieved: readers get it from ready()
             if isinstance(exc, CacheUnavailable):
-                log.warning(
-                    "caching paused: serving uncached",
-                    digest=str(self.digest),
-                    reason=str(exc),
-                    retry_in=DEGRADED_RETRY,
-                )
+                pass  # logged by Fills, which pauses caching
             elif not isinstance(exc, UpstreamError | asyncio.CancelledError):
                 log.error("fill failed", digest=str(self.digest), error=repr(exc))
             if isinstance(exc, asyncio.CancelledError):
@@ -278,7 +275,9 @@ class Fills:
         upstream: Upstream,
         on_change: Callable[[int], None] = lambda n: None,
         on_mismatch: Callable[[str], None] = lambda registry: None,
+        retry: float = DEGRADED_RETRY,
     ) -> None:
+        self._retry = retry
         self._store = store
         self._index = index
         self._upstream = upstream
@@ -304,7 +303,7 @@ class Fills:
         self._fills[key] = fill
         self._on_change(len(self._fills))
         # A task of its own: a client going away must never cancel the fill.
-        task = asyncio.get_running_loop().create_task(self._run(key, fill))
+        task = asyncio.get_running_loop().create_task(self._run(key, fill), name=f"fill {key}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fill
@@ -313,7 +312,13 @@ class Fills:
         try:
             await fill.run()
             if isinstance(fill.error, CacheUnavailable):
-                self._degraded_until = time.monotonic() + DEGRADED_RETRY
+                self._degraded_until = time.monotonic() + self._retry
+                log.warning(
+                    "caching paused: serving uncached",
+                    digest=key,
+                    reason=str(fill.error),
+                    retry_in=self._retry,
+                )
             elif isinstance(fill.error, DigestMismatch):
                 # Counted once per fill, however many clients it had.
                 log.warning("digest mismatch: blob rejected", digest=key, registry=fill.registry)
@@ -324,6 +329,13 @@ class Fills:
             self._on_change(len(self._fills))
 
     async def close(self) -> None:
+        """Stop downloads in progress; let verified blobs finish their commit,
+        so a shutdown right after a pull keeps what its clients received."""
+        committing = [f for f in self._fills.values() if f.verified]
         for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            if not any(task.get_name() == f"fill {f.digest}" for f in committing):
+                task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*self._tasks, return_exceptions=True), timeout=COMMIT_WAIT
+            )
