@@ -21,4 +21,5 @@ uv sync -q --frozen
 uv run ruff check src tests
 uv run mypy
 uv run lint-imports
+scripts/build-test-binaries.sh  # Go test tools (conformance suite) into .cache/bin/
 uv run pytest -q -p no:cacheprovider "$@"

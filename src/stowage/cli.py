@@ -19,7 +19,7 @@ from rich.table import Table
 
 from stowage import __version__
 from stowage.oci.manifest import Platform
-from stowage.oci.reference import InvalidReference, encode_registry, parse_reference
+from stowage.oci.reference import InvalidReference, Reference, encode_registry, parse_reference
 from stowage.settings import ConfigError, Settings, load_settings
 from stowage.units import format_size
 
@@ -88,12 +88,18 @@ def main() -> None:
     "--revalidate-timeout", type=float, metavar="SECONDS", help=_help("revalidate_timeout")
 )
 @click.option("--cache-retry", type=float, metavar="SECONDS", help=_help("cache_retry"))
+@click.option("--auth-cache-ttl", type=float, metavar="SECONDS", help=_help("auth_cache_ttl"))
 @click.option("--log-format", type=click.Choice(["plain", "json"]), help=_help("log_format"))
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     help=_help("log_level"),
 )
+@click.option("--max-size", metavar="SIZE|PCT%", help=_help("max_size"))
+@click.option("--high-watermark", type=float, metavar="PCT", help=_help("high_watermark"))
+@click.option("--low-watermark", type=float, metavar="PCT", help=_help("low_watermark"))
+@click.option("--gc-interval", type=float, metavar="SECONDS", help=_help("gc_interval"))
+@click.option("--gc-grace", type=float, metavar="SECONDS", help=_help("gc_grace"))
 def serve(config: Path | None, **flags: Any) -> None:
     """Run the pull-through caching registry proxy.
 
@@ -147,9 +153,12 @@ def _console() -> Console:
 @_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cache_ls(data: Path | None, config: Path | None, as_json: bool) -> None:
-    """List cached images: repository, tag, digest, size, last used."""
+    """List cached images: repository, tag, digest, size, last used, pinned."""
+    from stowage.store.gc import pinned_digests
+
     _, index = _open(data, config)
     rows = index.images()
+    pinned = pinned_digests(index.db)
     if as_json:
         click.echo(
             json.dumps(
@@ -162,6 +171,7 @@ def cache_ls(data: Path | None, config: Path | None, as_json: bool) -> None:
                         "media_type": r.media_type,
                         "size": r.size,
                         "last_used": dt.datetime.fromtimestamp(r.last_access, dt.UTC).isoformat(),
+                        "pinned": r.digest in pinned,
                     }
                     for r in rows
                 ],
@@ -170,7 +180,7 @@ def cache_ls(data: Path | None, config: Path | None, as_json: bool) -> None:
         )
         return
     table = Table(box=None)
-    for column in ("IMAGE", "TAG", "DIGEST", "SIZE", "LAST USED"):
+    for column in ("IMAGE", "TAG", "DIGEST", "SIZE", "LAST USED", "PIN"):
         table.add_column(column, no_wrap=True)
     for r in rows:
         used = dt.datetime.fromtimestamp(r.last_access).strftime("%Y-%m-%d %H:%M")
@@ -180,6 +190,7 @@ def cache_ls(data: Path | None, config: Path | None, as_json: bool) -> None:
             r.digest[:19],
             format_size(r.size),
             used,
+            "pinned" if r.digest in pinned else "",
         )
     _console().print(table)
 
@@ -201,6 +212,9 @@ def cache_rm(image: str, data: Path | None, config: Path | None) -> None:
         index.close()
         raise click.ClickException(f"{ref} is not in the cache")
     removed = index.remove_image(ref.registry, ref.repository, ref.tag, ref.digest)
+    from stowage.store.gc import drop_pins
+
+    drop_pins(index.db, ref.registry, ref.repository, [ref.tag, ref.digest], removed)
     index.close()
     freed = 0
     for digest in removed:
@@ -208,6 +222,55 @@ def cache_rm(image: str, data: Path | None, config: Path | None) -> None:
         freed += store.size(parsed) or 0
         store.remove(parsed)
     click.echo(f"removed {ref}: {len(removed)} files, {format_size(freed)} freed")
+
+
+@cache.command("pin")
+@click.argument("image")
+@_data_option
+@_config_option
+def cache_pin(image: str, data: Path | None, config: Path | None) -> None:
+    """Keep IMAGE (name:tag or name@digest) however full the cache: never evicted.
+
+    A pinned tag keeps whatever it points at, also after it moved upstream.
+    """
+    from stowage.store.gc import pin
+
+    _, index = _open(data, config)
+    ref = _cached_ref(index, image)
+    added = pin(index.db, ref.registry, ref.repository, ref.ref)
+    index.close()
+    click.echo(f"pinned {ref}" if added else f"{ref} was already pinned")
+
+
+@cache.command("unpin")
+@click.argument("image")
+@_data_option
+@_config_option
+def cache_unpin(image: str, data: Path | None, config: Path | None) -> None:
+    """Let IMAGE be evicted again when it is the least recently used."""
+    from stowage.store.gc import unpin
+
+    _, index = _open(data, config)
+    try:
+        ref = parse_reference(image)
+    except InvalidReference as exc:
+        raise click.UsageError(str(exc)) from None
+    removed = unpin(index.db, ref.registry, ref.repository, ref.ref)
+    index.close()
+    if not removed:
+        raise click.ClickException(f"{ref} is not pinned")
+    click.echo(f"unpinned {ref}")
+
+
+def _cached_ref(index: Index, image: str) -> Reference:
+    try:
+        ref = parse_reference(image)
+    except InvalidReference as exc:
+        raise click.UsageError(str(exc)) from None
+    if not index.holds(ref.registry, ref.repository, ref.tag, ref.digest):
+        index.close()
+        raise click.ClickException(f"{ref} is not in the cache")
+    return ref
 
 
 @cache.command("stats")
@@ -226,6 +289,10 @@ def cache_stats(data: Path | None, config: Path | None, as_json: bool) -> None:
         shown = format_size(value) if name.startswith(("bytes", "cache_size")) else str(value)
         table.add_row(name.replace("_", " "), shown)
     _console().print(table)
+
+
+class _CannotVerify(click.ClickException):
+    exit_code = 2  # 1 means "corrupt content removed"
 
 
 @cache.command("verify")
@@ -248,12 +315,9 @@ def cache_verify(data: Path | None, config: Path | None) -> None:
         finally:
             index.close()
     except click.ClickException as exc:
-        exc.exit_code = 2
-        raise
+        raise _CannotVerify(exc.message) from None
     except (OSError, sqlite3.Error) as exc:
-        error = click.ClickException(f"cannot verify the cache: {exc}")
-        error.exit_code = 2
-        raise error from None
+        raise _CannotVerify(f"cannot verify the cache: {exc}") from None
     for f in report.findings:
         what = "removed" if f.problem == "corrupt" else "index entry dropped"
         click.echo(f"{f.problem} {f.kind} {f.digest}: {f.detail} ({what})")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -18,6 +18,7 @@ from pydantic_settings import (
 )
 
 from stowage.oci.reference import is_valid_registry, normalize_registry
+from stowage.store.gc import SizeLimit, parse_size
 
 
 class ConfigError(ValueError):
@@ -65,9 +66,51 @@ class Settings(BaseSettings):
         description="Seconds an expired tag waits for upstream before the cached copy is "
         "served (stale).",
     )
+    cache_retry: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds blobs are passed through uncached after the disk refused one "
+        "(full, read-only) before caching is tried again.",
+    )
+    auth_cache_ttl: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds a verdict of upstream on a client's credentials for a private "
+        "repository is reused (also while upstream is down); 0 asks upstream every time.",
+    )
     log_format: Literal["plain", "json"] = Field("plain", description="Log line format.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level logged."
+    )
+    max_size: str | None = Field(
+        None,
+        description="Cache size limit: bytes with an optional unit (50G = 50*10^9, "
+        "500MiB = 500*2^20) or a percentage of the data directory's filesystem (80%). "
+        "Default: no limit.",
+    )
+    high_watermark: float = Field(
+        85.0,
+        gt=0,
+        le=100,
+        description="Percent of --max-size above which least-recently-used images are evicted.",
+    )
+    low_watermark: float = Field(
+        80.0,
+        gt=0,
+        le=100,
+        description="Percent of --max-size that eviction brings the cache down to.",
+    )
+    gc_interval: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds between garbage collections (unreferenced content; eviction "
+        "checks also run right after a fill that crossed the high watermark).",
+    )
+    gc_grace: float = Field(
+        3600.0,
+        ge=0,
+        description="Seconds unreferenced content is kept after its last use before garbage "
+        "collection removes it (a blob whose manifest is still to come).",
     )
 
     @field_validator("insecure_registry", mode="before")
@@ -92,6 +135,29 @@ class Settings(BaseSettings):
     def _listen(cls, value: str) -> str:
         split_listen(value)
         return value
+
+    @field_validator("max_size", mode="before")
+    @classmethod
+    def _max_size(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        try:
+            return str(parse_size(value))
+        except ValueError as exc:
+            raise ValueError(f"--max-size: {exc}") from None
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> Settings:
+        if self.low_watermark >= self.high_watermark:
+            raise ValueError(
+                f"--low-watermark ({self.low_watermark:g}) must be below "
+                f"--high-watermark ({self.high_watermark:g})"
+            )
+        return self
+
+    @property
+    def size_limit(self) -> SizeLimit | None:
+        return None if self.max_size is None else parse_size(self.max_size)
 
     @property
     def host_port(self) -> tuple[str, int]:

@@ -180,6 +180,7 @@ FLAGS = (
     "--ca-file",
     "--connect-timeout",
     "--read-timeout",
+    "--cache-retry",
     "--log-format",
     "--log-level",
 )
@@ -491,7 +492,11 @@ CLIENT_AUTHORIZATION = "Basic " + base64.b64encode(b"client:client-Secret-0815")
 def test_json_log_has_one_object_per_request_and_no_secrets(
     registry_factory: RegistryFactory, stowage_factory: StowageFactory, tmp_path: Path
 ) -> None:
-    upstream = registry_factory("basic", users={UPSTREAM_USER: UPSTREAM_PASSWORD})
+    # The client's credentials are an upstream account too: team/app is private, so stowage
+    # checks them upstream before serving it.
+    upstream = registry_factory(
+        "basic", users={UPSTREAM_USER: UPSTREAM_PASSWORD, "client": "client-Secret-0815"}
+    )
     image = push_image(upstream, "team/app", "1", layer_sizes=[512])
     auth_b64 = base64.b64encode(f"{UPSTREAM_USER}:{UPSTREAM_PASSWORD}".encode()).decode()
     auth_file = tmp_path / "auth.json"

@@ -4,6 +4,10 @@
 Pulls go through stowage with skopeo (a real client); the upstreams are CNCF Distribution
 with the harness's token issuer, plus in-test aiohttp servers for the redirect case.
 Throughout, credentials and tokens must never reach stowage's log.
+
+Private repositories are served only to clients presenting credentials upstream accepts
+(tested in depth in test_private_images.py): the clients here present CAROL's, a user other
+than the one stowage authenticates as, so that stowage's own token requests stay countable.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -33,6 +38,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 ALICE, ALICE_PW = "alice", "alice-Secret-pw-7Qx"
 BOB, BOB_PW = "bob", "bob-Secret-pw-3Kz"
+CAROL, CAROL_PW = "carol", "carol-Secret-pw-5Wm"  # the client's own upstream account
 SMALL = (512, 1024)  # layer sizes: content does not matter here, only the auth flow
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -56,9 +62,12 @@ def write_auth_file(path: Path, entries: dict[str, dict[str, str]]) -> Path:
     return path
 
 
-def skopeo_pull(stowage: Stowage, name: str, dest: Path) -> subprocess.CompletedProcess[str]:
-    """``skopeo copy docker://<stowage>/<name> oci:<dest>``, anonymous towards stowage and
-    isolated from the host's containers configuration. Does not raise on failure."""
+def skopeo_pull(
+    stowage: Stowage, name: str, dest: Path, creds: tuple[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``skopeo copy docker://<stowage>/<name> oci:<dest>``, anonymous towards stowage unless
+    ``creds`` (user, password) are given, and isolated from the host's containers
+    configuration. Does not raise on failure."""
     with tempfile.TemporaryDirectory(prefix="skopeo-pull-") as tmp:
         tmpdir = Path(tmp)
         (tmpdir / "auth.json").write_text("{}")
@@ -72,15 +81,23 @@ def skopeo_pull(stowage: Stowage, name: str, dest: Path) -> subprocess.Completed
             "--src-tls-verify=false",
             "--src-authfile",
             str(tmpdir / "auth.json"),
+            *(["--src-creds", f"{creds[0]}:{creds[1]}"] if creds else []),
             f"docker://{stowage.host}/{name}",
             f"oci:{dest}:pulled",
         ]
         return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
-def assert_pulled(stowage: Stowage, image: PushedImage, registry_prefix: str, dest: Path) -> None:
+def assert_pulled(
+    stowage: Stowage,
+    image: PushedImage,
+    registry_prefix: str,
+    dest: Path,
+    creds: tuple[str, str] | None = (CAROL, CAROL_PW),
+) -> None:
     """Pull ``image`` through stowage with skopeo and check the layout holds exactly it."""
-    proc = skopeo_pull(stowage, f"{registry_prefix}/{image.repository}:{image.tag}", dest)
+    name = f"{registry_prefix}/{image.repository}:{image.tag}"
+    proc = skopeo_pull(stowage, name, dest, creds)
     assert proc.returncode == 0, f"skopeo pull failed:\n{proc.stderr}\n{stowage.log_tail()}"
     index = json.loads((dest / "index.json").read_text())
     assert [m["digest"] for m in index["manifests"]] == [image.manifest_digest]
@@ -113,6 +130,11 @@ def assert_no_secrets(stowage: Stowage, *secrets: str) -> None:
     assert "eyJ" not in log
 
 
+def as_carol() -> dict[str, str]:
+    """Headers of a client presenting CAROL's credentials to stowage."""
+    return {"Authorization": "Basic " + _b64(CAROL, CAROL_PW)}
+
+
 def _blob_files(stowage: Stowage) -> list[Path]:
     return [p for p in (stowage.data_dir / "blobs").rglob("*") if p.is_file()]
 
@@ -131,7 +153,9 @@ def basic_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BasicUp
     """TLS + htpasswd registry holding private/app:1 (alice may pull)."""
     _require("docker-registry", "skopeo", "htpasswd")
     with Registry(
-        "basic", users={ALICE: ALICE_PW}, workdir=tmp_path_factory.mktemp("basic-upstream")
+        "basic",
+        users={ALICE: ALICE_PW, CAROL: CAROL_PW},
+        workdir=tmp_path_factory.mktemp("basic-upstream"),
     ) as reg:
         assert reg.tls
         yield BasicUpstream(reg, push_image(reg, "private/app", "1", layer_sizes=SMALL))
@@ -158,6 +182,7 @@ def token_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenUp
         users={
             ALICE: TokenUser(ALICE_PW, {"private/*": ["pull"]}),
             BOB: TokenUser(BOB_PW, {"elsewhere/*": ["pull"]}),
+            CAROL: TokenUser(CAROL_PW, {"private/*": ["pull"]}),
         },
         anonymous={"public/*": ["pull"]},
         workdir=tmp_path_factory.mktemp("token-upstream"),
@@ -198,7 +223,7 @@ def test_basic_tls_upstream_with_credentials(
     assert reg.count("GET", "/private/app/manifests/1", status=200, since=since) == 1
     for digest, _ in basic_upstream.image.blobs:
         assert reg.count("GET", f"/blobs/{digest}", status=200, since=since) == 1
-    assert_no_secrets(stowage, ALICE_PW, _b64(ALICE, ALICE_PW))
+    assert_no_secrets(stowage, ALICE_PW, _b64(ALICE, ALICE_PW), CAROL_PW, _b64(CAROL, CAROL_PW))
 
 
 def test_basic_tls_upstream_without_or_with_wrong_credentials_is_denied(
@@ -253,7 +278,7 @@ def test_token_upstream_anonymous_pull(
     stowage = stowage_factory(upstreams=[reg])
     events_before = len(token_upstream.issuer.events())
 
-    assert_pulled(stowage, token_upstream.public, reg.path_prefix, tmp_path / "public")
+    assert_pulled(stowage, token_upstream.public, reg.path_prefix, tmp_path / "public", None)
     new = token_upstream.issuer.events()[events_before:]
     assert new, "stowage never asked the token issuer"
     assert all(e["user"] is None for e in new)  # anonymous token requests
@@ -280,9 +305,12 @@ def test_token_upstream_private_repo_with_credentials(
 
     assert_pulled(stowage, token_upstream.private, reg.path_prefix, tmp_path / "private")
     new = token_upstream.issuer.events()[events_before:]
-    assert new and all(e["user"] == ALICE for e in new)
-    assert any(g["name"] == "private/app" for e in new for g in e["granted"])
-    assert_no_secrets(stowage, ALICE_PW, _b64(ALICE, ALICE_PW))
+    # stowage fetched as alice; its access gate asked anonymously (is the repository
+    # private?) and checked the client's (carol's) credentials.
+    assert {e["user"] for e in new} == {ALICE, CAROL, None}
+    assert all(e["granted"] == [] for e in new if e["user"] is None)
+    assert any(g["name"] == "private/app" for e in new if e["user"] == ALICE for g in e["granted"])
+    assert_no_secrets(stowage, ALICE_PW, _b64(ALICE, ALICE_PW), CAROL_PW, _b64(CAROL, CAROL_PW))
 
 
 def test_token_upstream_user_without_access_is_denied(
@@ -294,15 +322,19 @@ def test_token_upstream_user_without_access_is_denied(
     events_before = len(token_upstream.issuer.events())
     layer, _ = token_upstream.private.layers[0]
 
+    # The client (carol) may read private/app; stowage's own account (bob) may not.
     base = f"/v2/{reg.path_prefix}/private/app"
     for path in (f"{base}/manifests/1", f"{base}/blobs/{layer}"):
-        assert_oci_error(stowage.client().raw("GET", path), (401, 403), reg.host)
-    proc = skopeo_pull(stowage, f"{reg.path_prefix}/private/app:1", tmp_path / "denied")
+        assert_oci_error(stowage.client().raw("GET", path, as_carol()), (401, 403), reg.host)
+    proc = skopeo_pull(
+        stowage, f"{reg.path_prefix}/private/app:1", tmp_path / "denied", (CAROL, CAROL_PW)
+    )
     assert proc.returncode != 0
 
     # Bob authenticated fine; the issuer just granted him nothing for private/app.
     new = token_upstream.issuer.events()[events_before:]
-    assert new and all(e["user"] == BOB and e["granted"] == [] for e in new)
+    bob = [e for e in new if e["user"] == BOB]
+    assert bob and all(e["granted"] == [] for e in bob)
     assert _blob_files(stowage) == []
     assert_no_secrets(stowage, BOB_PW, _b64(BOB, BOB_PW))
 
@@ -318,38 +350,37 @@ def test_token_is_requested_once_per_scope_and_reused(
     private = token_upstream.private
     assert len(private.blobs) == 5
     events_before = len(issuer.events())
-    token_gets = issuer.count("GET", "/token")
     since = reg.checkpoint()
 
+    def alice_events() -> list[dict[str, Any]]:
+        # stowage's own token requests (the access gate's are anonymous or carol's)
+        return [e for e in issuer.events()[events_before:] if e["user"] == ALICE]
+
     base = f"/v2/{reg.path_prefix}/private/app"
-    resp = client.raw("GET", f"{base}/manifests/1")
+    resp = client.raw("GET", f"{base}/manifests/1", as_carol())
     assert resp.status == 200 and resp.body == private.manifest_bytes
     for digest, size in private.blobs:  # 5 blob pulls of the same repository
-        resp = client.raw("GET", f"{base}/blobs/{digest}")
+        resp = client.raw("GET", f"{base}/blobs/{digest}", as_carol())
         assert resp.status == 200 and len(resp.body) == size
     # A tags list: same scope, same token.
-    assert client.raw("GET", f"{base}/tags/list").status == 200
+    assert client.raw("GET", f"{base}/tags/list", as_carol()).status == 200
 
-    new = issuer.events()[events_before:]
+    new = alice_events()
     assert len(new) == 1, new
-    assert new[0]["user"] == ALICE
     assert new[0]["requested"] == [
         {"type": "repository", "name": "private/app", "actions": ["pull"]}
     ]
-    assert issuer.count("GET", "/token") == token_gets + 1
-    # Only the very first upstream request was challenged; the rest carried the token.
-    assert reg.count("*", "/private/app/", status=401, since=since) == 1
+    # Every GET carried a valid token (only the gate's anonymous HEAD was refused).
+    assert reg.count("GET", "/private/app/", status=401, since=since) == 0
     assert reg.count("GET", "/private/app/blobs/", status=200, since=since) == 5
 
     # Another repository is another scope: exactly one more token.
-    resp = client.raw("GET", f"/v2/{reg.path_prefix}/private/other/manifests/1")
+    resp = client.raw("GET", f"/v2/{reg.path_prefix}/private/other/manifests/1", as_carol())
     assert resp.status == 200 and resp.body == token_upstream.other.manifest_bytes
     for digest, _ in token_upstream.other.blobs:
-        assert (
-            client.raw("GET", f"/v2/{reg.path_prefix}/private/other/blobs/{digest}").status == 200
-        )
-    new = issuer.events()[events_before:]
-    assert [e["requested"][0]["name"] for e in new] == ["private/app", "private/other"]
+        path = f"/v2/{reg.path_prefix}/private/other/blobs/{digest}"
+        assert client.raw("GET", path, as_carol()).status == 200
+    assert [e["requested"][0]["name"] for e in alice_events()] == ["private/app", "private/other"]
     assert_no_secrets(stowage, ALICE_PW, _b64(ALICE, ALICE_PW))
 
 
@@ -359,7 +390,10 @@ def test_token_is_renewed_after_expiry(
     lifetime = 2
     reg = registry_factory(
         "token",
-        users={ALICE: TokenUser(ALICE_PW, {"private/*": ["pull"]})},
+        users={
+            ALICE: TokenUser(ALICE_PW, {"private/*": ["pull"]}),
+            CAROL: TokenUser(CAROL_PW, {"private/*": ["pull"]}),
+        },
         token_expires_in=lifetime,
     )
     image = push_image(reg, "private/app", "1", layer_sizes=(256, 512))
@@ -375,14 +409,14 @@ def test_token_is_renewed_after_expiry(
         return len([e for e in issuer.events() if e.get("user") == ALICE]) - before
 
     started = time.monotonic()
-    assert client.raw("GET", f"{base}/manifests/1").status == 200
+    assert client.raw("GET", f"{base}/manifests/1", as_carol()).status == 200
     config, layer = image.blobs[0][0], image.blobs[1][0]
-    assert client.raw("GET", f"{base}/blobs/{config}").status == 200
+    assert client.raw("GET", f"{base}/blobs/{config}", as_carol()).status == 200
     assert time.monotonic() - started < lifetime / 2, "too slow to observe token reuse"
     assert alice_tokens() == 1
 
     time.sleep(lifetime + 0.2)  # the token has now expired
-    resp = client.raw("GET", f"{base}/blobs/{layer}")
+    resp = client.raw("GET", f"{base}/blobs/{layer}", as_carol())
     assert resp.status == 200, resp.body
     assert sha256_digest(resp.body) == layer
     assert alice_tokens() == 2
@@ -411,9 +445,12 @@ def test_identity_token_uses_refresh_grant(
 
     assert_pulled(stowage, token_upstream.private, reg.path_prefix, tmp_path / "pulled")
     assert issuer.count("POST", "/token") == posts + 1  # one refresh grant for the scope
-    assert issuer.count("GET", "/token") == gets  # never the Basic-auth GET flow
     new = issuer.events()[events_before:]
-    assert len(new) == 1 and new[0]["user"] == ALICE and new[0]["granted"]
+    alice = [e for e in new if e["user"] == ALICE]
+    assert len(alice) == 1 and alice[0]["granted"]
+    # Never the Basic-auth GET flow for alice: the GETs are the access gate's (anonymous,
+    # or checking the client's credentials).
+    assert issuer.count("GET", "/token") == gets + len(new) - len(alice)
     assert_no_secrets(stowage, refresh, ALICE_PW)
 
     # A refresh token the issuer does not know: denied (not a 500), naming the upstream.
@@ -567,7 +604,7 @@ def test_blob_redirect_to_cdn_does_not_leak_authorization(
 
     prefix = upstream.host.replace(":", "-")
     dest = tmp_path / "pulled"
-    proc = skopeo_pull(stowage, f"{prefix}/team/app:1", dest)
+    proc = skopeo_pull(stowage, f"{prefix}/team/app:1", dest, (ALICE, ALICE_PW))
     assert proc.returncode == 0, f"{proc.stderr}\n{stowage.log_tail()}"
     pulled = json.loads((dest / "index.json").read_text())
     assert pulled["manifests"][0]["digest"] == manifest_digest
@@ -623,4 +660,4 @@ def test_secrets_never_logged_even_at_debug(
 
     log = stowage.log_text()
     assert "request" in log  # the log is really being written
-    assert_no_secrets(stowage, ALICE_PW, _b64(ALICE, ALICE_PW))
+    assert_no_secrets(stowage, ALICE_PW, _b64(ALICE, ALICE_PW), CAROL_PW, _b64(CAROL, CAROL_PW))

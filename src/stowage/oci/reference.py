@@ -116,7 +116,13 @@ def is_valid_registry(host: str) -> bool:
         except ValueError:
             return False
         return True
-    return bool(name) and all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
+    # DNS limits (RFC 1035): labels of at most 63 characters, at most 253 in all.
+    labels = name.split(".")
+    return (
+        0 < len(name) <= 253
+        and all(len(label) <= 63 for label in labels)
+        and all(_HOST_LABEL.fullmatch(label) for label in labels)
+    )
 
 
 def _denotes_registry(component: str) -> bool:

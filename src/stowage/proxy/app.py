@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import socket
@@ -21,11 +22,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from stowage.oci.digest import Digest, InvalidDigest, UnsupportedDigest, is_digest
 from stowage.oci.manifest import InvalidManifest, parse_manifest
 from stowage.oci.reference import is_valid_tag
+from stowage.proxy.access import CHALLENGE, AccessGate
 from stowage.proxy.errors import OCIError
 from stowage.proxy.fill import CacheUnavailable, DigestMismatch, Fill, Fills
 from stowage.proxy.metrics import Metrics
 from stowage.proxy.routing import Route, parse_route
+from stowage.proxy.tagpage import TagPage, next_link, page_tag_body, page_tags
 from stowage.store.blobs import BlobStore
+from stowage.store.gc import Hold, Readers
 from stowage.store.index import Index, ManifestEntry
 from stowage.upstream.client import (
     Upstream,
@@ -51,6 +55,8 @@ class ProxyConfig:
     tag_ttl: float = 300.0
     revalidate_timeout: float = 5.0
     known_registries: frozenset[str] = frozenset()
+    cache_retry: float = 30.0  # seconds blobs pass through uncached after the disk refused one
+    auth_cache_ttl: float = 300.0  # seconds a verdict on a client's credentials is reused
 
 
 @dataclass(slots=True)
@@ -103,10 +109,21 @@ class Proxy:
             upstream,
             on_change=metrics.fills_in_flight.set,
             on_mismatch=lambda registry: metrics.digest_mismatches.labels(registry).inc(),
+            retry=config.cache_retry,
+        )
+        self.access = AccessGate(
+            index,
+            upstream,
+            metrics.registry,
+            ttl=config.auth_cache_ttl,
+            recheck=config.tag_ttl,
+            timeout=config.revalidate_timeout,
         )
         self._flights = _Flights()
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._manifest_bytes = 0
+        # Blobs being sent: the bounded cache never deletes them under a reader.
+        self.readers = Readers()
 
     # -- dispatch ------------------------------------------------------------
 
@@ -118,9 +135,12 @@ class Proxy:
                 f"{request.method} is not supported: stowage is a read-only cache",
                 headers={"Allow": "GET, HEAD"},
             )
-        tail = request.match_info["tail"]
+        tail = request.match_info.get("tail", "")  # "/v2" has none
         if tail == "":
             request["route"] = "base"
+            if self.access.challenge_ping(request.headers.get(hdrs.AUTHORIZATION)):
+                # Clients send credentials only to a registry whose ping asked for them.
+                raise OCIError(401, "UNAUTHORIZED", "authentication required", CHALLENGE)
             return web.json_response({}, headers=API_VERSION)
         raw = request.raw_path.split("?", 1)[0].lower()
         if "%2f" in raw or "%5c" in raw or "\\" in tail or "/../" in f"/{tail}/":
@@ -134,6 +154,8 @@ class Proxy:
         request["route"] = route.kind
         if route.mirror:
             request["oci_namespace"] = route.registry
+        # Private images only to credentials upstream accepts (see proxy/access.py).
+        await self.access.authorize(route, request.headers.get(hdrs.AUTHORIZATION))
         resp: web.StreamResponse
         try:
             if route.kind == "manifests":
@@ -272,6 +294,7 @@ class Proxy:
             len(fetched.body),
             [(r.digest, r.kind) for r in refs],
         )
+        self.access.holds_content(route.registry, route.repository)
         if expected is None:
             self.index.set_tag(route.registry, route.repository, ref, str(digest))
         self._remember(manifest)
@@ -304,7 +327,11 @@ class Proxy:
         if body is None or Digest.of(body, digest.algorithm) != digest:
             if body is not None:
                 log.error("cached manifest corrupted; removing", digest=entry.digest)
-                self.store.remove(digest)
+                with contextlib.suppress(OSError):  # read-only: it stays a miss
+                    self.store.remove(digest)
+            # No index row without its file: the tags pointing at it go too,
+            # and the next request fetches it again.
+            self.index.forget([entry.digest])
             return None
         manifest = Manifest(body, entry.media_type, entry.digest)
         self._remember(manifest)
@@ -343,14 +370,16 @@ class Proxy:
         except FileNotFoundError:
             size = None
         if size is not None:
+            _check_cached_range(request, path, size)
             request["result"] = "hit"
             self.index.touch_blob(str(digest))
             if request.method == hdrs.METH_GET:
                 request["bytes"] = ("cache", _served_length(request, size))
-            # sendfile, Range and HEAD handled by aiohttp.
+            # sendfile, Range and HEAD handled by aiohttp. Held from the stat on (no
+            # await in between): eviction, on this loop too, then leaves the file alone.
             return CorkedFileResponse(
                 path, chunk_size=CHUNK, headers={hdrs.CONTENT_TYPE: BLOB_TYPE, **headers}
-            )
+            ).holding(self.readers.hold(str(digest)))
 
         request["result"] = "miss"
         fill = self.fills.get(digest)
@@ -466,6 +495,7 @@ class Proxy:
         # (sendfile); otherwise (chunked encoding) the bytes pass through here.
         kernel_copy = end is not None and transport is not None
         file = open(fill.path, "rb")  # noqa: ASYNC230, SIM115 - local file, closed below
+        reader = self.readers.hold(str(fill.digest))
         offset = start
         try:
             while end is None or offset < end:
@@ -508,6 +538,7 @@ class Proxy:
             return resp
         finally:
             file.close()
+            reader.release()
         await resp.write_eof()
         return resp
 
@@ -558,13 +589,28 @@ class Proxy:
                 route.registry, route.repository, query
             )
             request["result"] = "miss"
-            return web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type, **API_VERSION})
+            headers = {hdrs.CONTENT_TYPE: content_type, **API_VERSION}
+            # Upstreams that ignore n/last (Distribution 2.8) get them applied here.
+            paged = page_tag_body(body, request.query.get("n"), request.query.get("last"))
+            if paged is not None:
+                body, page = paged
+                headers.update(self._tag_link(request, page))
+            return web.Response(body=body, headers=headers)
         except UpstreamUnavailable:
             tags = self.index.tags_of(route.registry, route.repository)
             if not tags:
                 raise
             request["result"] = "stale"
-            return web.json_response({"name": route.repository, "tags": tags}, headers=API_VERSION)
+            page = page_tags(tags, request.query.get("n"), request.query.get("last"))
+            return web.json_response(
+                {"name": route.repository, "tags": page.tags},
+                headers={**API_VERSION, **self._tag_link(request, page)},
+            )
+
+    @staticmethod
+    def _tag_link(request: web.Request, page: TagPage) -> dict[str, str]:
+        link = next_link(request.raw_path.split("?", 1)[0], request.query, page)
+        return {hdrs.LINK: link} if link else {}
 
     @staticmethod
     async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -589,14 +635,69 @@ class CorkedFileResponse(web.FileResponse):
     aiohttp's sockets are TCP_NODELAY, which makes sendfile push many small
     segments; corking for the duration of the body is measurably faster."""
 
+    _hold: Hold | None = None
+
+    def holding(self, hold: Hold) -> CorkedFileResponse:
+        """Count as a reader of the file until sent (or dropped unsent)."""
+        self._hold = hold
+        hold.tie(self)
+        return self
+
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         sock = request.transport.get_extra_info("socket") if request.transport else None
         corked = _cork(sock, True)
         try:
-            return await super().prepare(request)
+            return await super().prepare(_for_file_response(request))
         finally:
             if corked:
                 _cork(sock, False)
+            if self._hold is not None:
+                self._hold.release()
+
+
+def _for_file_response(request: web.BaseRequest) -> web.BaseRequest:
+    """``request`` as aiohttp's file response should see it: a cached blob answers as one
+    being filled does. Dropped: If-Match and If-Unmodified-Since, which a cache may ignore
+    (RFC 9110 13.1.1, 13.1.4) and aiohttp would check against its own mtime ETag, answering
+    a bodiless 412 (a blob never changes); and a Range aiohttp cannot parse (malformed,
+    several ranges), which a fill ignores (RFC 9110 14.2) and aiohttp answers with 416."""
+    drop = [h for h in (hdrs.IF_MATCH, hdrs.IF_UNMODIFIED_SINCE) if h in request.headers]
+    if hdrs.RANGE in request.headers:
+        try:
+            _ = request.http_range
+        except ValueError:
+            drop.append(hdrs.RANGE)
+    if not drop:
+        return request
+    headers = request.headers.copy()
+    for name in drop:
+        headers.popall(name, None)
+    return request.clone(headers=headers)
+
+
+def _check_cached_range(request: web.Request, path: str | os.PathLike[str], size: int) -> None:
+    """Refuse a Range starting at or past the end of a cached blob with OCI error JSON, as
+    a blob being filled is refused, where aiohttp's file response would send an empty 416
+    (unless If-Range, a date older than the file, says to ignore the Range)."""
+    if hdrs.RANGE not in request.headers:
+        return
+    try:
+        rng = request.http_range
+    except ValueError:
+        return  # ignored, see _for_file_response
+    if_range = request.if_range
+    if if_range is not None and os.stat(path).st_mtime > if_range.timestamp():
+        return
+    start = rng.start
+    if start is not None and start < 0 and rng.stop is None:
+        start = max(0, size + start)  # suffix range: the last -start bytes
+    if start is not None and start >= size:
+        raise OCIError(
+            416,
+            "BLOB_UNKNOWN",
+            "requested range not satisfiable",
+            headers={hdrs.CONTENT_RANGE: f"bytes */{size}"},
+        )
 
 
 def _cork(sock: socket.socket | None, on: bool) -> bool:

@@ -286,6 +286,8 @@ class Fills:
         self._on_change = on_change
         self._on_mismatch = on_mismatch
         self._degraded_until = 0.0
+        # Called with its size after a fill was stored (the bounded cache's trigger).
+        self.on_commit: Callable[[int], None] = lambda size: None
 
     def degraded(self) -> bool:
         """Whether the disk recently refused a fill (caching paused)."""
@@ -311,6 +313,8 @@ class Fills:
     async def _run(self, key: str, fill: Fill) -> None:
         try:
             await fill.run()
+            if fill.done:
+                self.on_commit(fill.written)
             if isinstance(fill.error, CacheUnavailable):
                 self._degraded_until = time.monotonic() + self._retry
                 log.warning(

@@ -52,6 +52,24 @@ class Metrics:
             ["registry"],
             registry=self.registry,
         )
+        self.evictions = Counter(
+            "stowage_evictions",
+            "Images evicted (least recently used first) to keep the cache under --max-size.",
+            registry=self.registry,
+        )
+        self.gc_runs = Counter(
+            "stowage_gc_runs",
+            "Garbage-collection and eviction cycles run.",
+            registry=self.registry,
+        )
+        self.reclaimed = Counter(
+            "stowage_reclaimed_bytes",
+            "Bytes of cached content deleted, by reason (evict, gc).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("evict", "gc"):
+            self.reclaimed.labels(reason)
 
     def on_upstream(self, registry: str, status: str) -> None:
         self.upstream_requests.labels(registry, status).inc()

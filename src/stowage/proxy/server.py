@@ -13,10 +13,12 @@ import structlog
 from aiohttp import web
 
 from stowage.proxy.app import Proxy, ProxyConfig
+from stowage.proxy.badrequests import quiet_bad_requests
 from stowage.proxy.errors import OCIError
 from stowage.proxy.metrics import Metrics
 from stowage.settings import Settings
-from stowage.store.index import open_index
+from stowage.store.gc import Bounds, Collector, GCConfig, Hooks
+from stowage.store.reindex import open_cache
 from stowage.upstream.auth import load_auth_file
 from stowage.upstream.client import Upstream, UpstreamConfig
 
@@ -29,7 +31,8 @@ STAT_OF_RESULT = {"hit": "hits", "miss": "misses", "stale": "stale", "error": "e
 
 def build_app(settings: Settings) -> web.Application:
     credentials = load_auth_file(settings.auth_file) if settings.auth_file else {}
-    store, index = open_index(settings.data)
+    # An index that is lost or unreadable is rebuilt from the files (with a warning).
+    store, index, _ = open_cache(settings.data)
     try:
         swept = store.sweep_temp()
         dropped, adopted = index.reconcile(store)
@@ -58,13 +61,19 @@ def build_app(settings: Settings) -> web.Application:
     known = frozenset({*settings.insecure_registry, *credentials, settings.default_registry})
     proxy = Proxy(
         ProxyConfig(
-            settings.default_registry, settings.tag_ttl, settings.revalidate_timeout, known
+            settings.default_registry,
+            settings.tag_ttl,
+            settings.revalidate_timeout,
+            known,
+            cache_retry=settings.cache_retry,
+            auth_cache_ttl=settings.auth_cache_ttl,
         ),
         store,
         index,
         upstream,
         metrics,
     )
+    quiet_bad_requests()  # requests aiohttp's parser refuses: one line, no traceback
     app = web.Application(middlewares=[_middleware(proxy)])
     app.router.add_route("*", "/v2", proxy.handle_v2)
     app.router.add_route("*", "/v2/{tail:.*}", proxy.handle_v2)
@@ -73,6 +82,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", _ok)
     app.on_response_prepare.append(proxy.on_response_prepare)
     app.cleanup_ctx.append(_lifecycle(proxy))
+    app.cleanup_ctx.append(_bounded_cache(proxy, settings))
     return app
 
 
@@ -87,6 +97,53 @@ def _lifecycle(proxy: Proxy):  # type: ignore[no-untyped-def]
         await proxy.fills.close()
         await proxy.upstream.close()
         proxy.index.close()
+
+    return ctx
+
+
+def _bounded_cache(proxy: Proxy, settings: Settings):  # type: ignore[no-untyped-def]
+    """Eviction over --max-size and garbage collection, as a background task."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        bounds = None
+        if settings.size_limit is not None:
+            try:
+                limit = settings.size_limit.resolve(settings.data)
+            except OSError as exc:
+                log.warning("--max-size not applied", error=str(exc))
+            else:
+                bounds = Bounds(limit, settings.high_watermark, settings.low_watermark)
+        metrics = proxy.metrics
+        collector = Collector(
+            proxy.store,
+            proxy.index,
+            GCConfig(bounds, settings.gc_interval, settings.gc_grace),
+            proxy.readers,
+            Hooks(
+                on_run=metrics.gc_runs.inc,
+                on_evicted=metrics.evictions.inc,
+                on_reclaimed=lambda reason, n: metrics.reclaimed.labels(reason).inc(n),
+                on_size=metrics.cache_size.set,
+            ),
+        )
+        task = None
+        if collector.open():
+            log.info(
+                "bounded cache",
+                max_size=bounds and bounds.limit,
+                high_watermark=bounds and bounds.high_bytes,
+                low_watermark=bounds and bounds.low_bytes,
+                gc_interval=settings.gc_interval,
+                gc_grace=settings.gc_grace,
+            )
+            proxy.fills.on_commit = collector.poke
+            task = asyncio.create_task(collector.run())
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        collector.close()
 
     return ctx
 

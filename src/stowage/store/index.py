@@ -65,6 +65,19 @@ CREATE TABLE IF NOT EXISTS stats (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+-- Private images: whether a repository needed credentials upstream, when that
+-- was decided, and how ('probe': asked upstream anonymously; 'anonymous':
+-- stowage had no credentials for the registry, so all it fetched was public).
+CREATE TABLE IF NOT EXISTS repo_access (
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    private INTEGER NOT NULL,
+    basis TEXT NOT NULL,
+    decided REAL NOT NULL,
+    PRIMARY KEY (registry, repository)
+);
+CREATE INDEX IF NOT EXISTS manifest_refs_child ON manifest_refs (child);
+CREATE INDEX IF NOT EXISTS repo_manifests_digest ON repo_manifests (digest);
 """
 
 log = structlog.get_logger("stowage.index")
@@ -101,6 +114,13 @@ class ManifestEntry:
     digest: str
     media_type: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RepoAccess:
+    private: bool
+    basis: str  # "probe" or "anonymous" (see the repo_access table)
+    decided: float  # time.time()
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +308,49 @@ class Index:
         ).fetchone()
         return int(row[0])
 
+    # -- repository access (private images) ---------------------------------
+
+    def repo_access(self, registry: str, repository: str) -> RepoAccess | None:
+        row = self.db.execute(
+            "SELECT private, basis, decided FROM repo_access WHERE registry=? AND repository=?",
+            (registry, repository),
+        ).fetchone()
+        return None if row is None else RepoAccess(bool(row[0]), row[1], row[2])
+
+    @tolerant
+    def set_repo_access(self, registry: str, repository: str, access: RepoAccess) -> None:
+        self.db.execute(
+            "INSERT INTO repo_access VALUES (?,?,?,?,?) ON CONFLICT(registry, repository) "
+            "DO UPDATE SET private=excluded.private, basis=excluded.basis, "
+            "decided=excluded.decided",
+            (registry, repository, int(access.private), access.basis, access.decided),
+        )
+        self._version = self._data_version()
+
+    def has_repository(self, registry: str, repository: str) -> bool:
+        """Whether the index holds any manifest of the repository."""
+        row = self.db.execute(
+            "SELECT 1 FROM repo_manifests WHERE registry=? AND repository=? LIMIT 1",
+            (registry, repository),
+        ).fetchone()
+        return row is not None
+
+    def any_private(self) -> bool:
+        row = self.db.execute("SELECT 1 FROM repo_access WHERE private=1 LIMIT 1").fetchone()
+        return row is not None
+
+    def held_by(self, digest: str, private: bool) -> bool:
+        """Whether a repository of that kind holds the manifest ``digest``, or a
+        manifest it holds references ``digest`` (a blob or an index's child)."""
+        row = self.db.execute(
+            "SELECT 1 FROM repo_manifests rm JOIN repo_access a "
+            "ON a.registry = rm.registry AND a.repository = rm.repository "
+            "WHERE a.private = ? AND rm.digest IN "
+            "(SELECT ? UNION SELECT parent FROM manifest_refs WHERE child = ?) LIMIT 1",
+            (int(private), digest, digest),
+        ).fetchone()
+        return row is not None
+
     # -- listing and removal -------------------------------------------------
 
     def images(self) -> list[ImageRow]:
@@ -406,6 +469,33 @@ class Index:
         return dead
 
     # -- consistency with the files ------------------------------------------
+
+    @tolerant
+    def forget(self, digests: Iterable[str]) -> list[tuple[str, str, str]]:
+        """Drop every row of content whose file is gone or corrupt: its blob or
+        manifest row, the manifest's references, the repositories holding it and
+        the tags pointing at it (returned as (registry, repository, tag)).
+        The content is fetched again on the next request."""
+        digests = list(digests)
+        dropped: list[tuple[str, str, str]] = []
+        with self.db:
+            self.db.execute("BEGIN")
+            for digest in digests:
+                dropped += self.db.execute(
+                    "SELECT registry, repository, tag FROM tags WHERE digest=?", (digest,)
+                ).fetchall()
+                for table, column in (
+                    ("blobs", "digest"),
+                    ("manifests", "digest"),
+                    ("manifest_refs", "parent"),
+                    ("tags", "digest"),
+                    ("repo_manifests", "digest"),
+                ):
+                    self.db.execute(f"DELETE FROM {table} WHERE {column}=?", (digest,))
+        self._tags.clear()
+        self._manifests.clear()
+        self._version = self._data_version()
+        return dropped
 
     def reconcile(self, store: BlobStore) -> tuple[int, int]:
         """Make the index agree with the files; returns (rows dropped, blobs added).

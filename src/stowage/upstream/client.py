@@ -85,6 +85,13 @@ class UpstreamConfig:
 RequestHook = Callable[[str, str], None]  # (registry, status or error kind)
 
 
+class _Configured:
+    """Marker: authenticate with the credentials configured for the registry."""
+
+
+CONFIGURED = _Configured()
+
+
 class Upstream:
     def __init__(self, config: UpstreamConfig, on_request: RequestHook | None = None) -> None:
         self.config = config
@@ -190,12 +197,18 @@ class Upstream:
         repository: str,
         path: str,
         headers: Mapping[str, str] | None = None,
+        credentials: Credentials | _Configured | None = CONFIGURED,
     ) -> aiohttp.ClientResponse:
         """Send a request to ``/v2/<repository>/<path>``, authenticating as
-        the upstream demands. Network failures raise UpstreamUnavailable."""
+        the upstream demands. Network failures raise UpstreamUnavailable.
+
+        ``credentials`` overrides the configured ones: None asks anonymously,
+        others (a client's, being verified) get fresh tokens that are not cached."""
         url = f"{self.base_url(registry)}/v2/{repository}/{path}"
         hdrs = CIMultiDict(headers or {})
-        auth = await self._authorization(registry, repository, self._challenges.get(registry))
+        auth = await self._authorization(
+            registry, repository, self._challenges.get(registry), credentials
+        )
         resp = await self._send(method, registry, url, hdrs, auth)
         if resp.status != 401:
             return resp
@@ -204,7 +217,7 @@ class Upstream:
         if challenge is None:
             raise UpstreamDenied(registry, "401 without a usable auth challenge", status=401)
         self._challenges[registry] = challenge
-        auth = await self._authorization(registry, repository, challenge, fresh=True)
+        auth = await self._authorization(registry, repository, challenge, credentials, fresh=True)
         if auth is None:
             raise UpstreamDenied(registry, "authentication required", status=401)
         return await self._send(method, registry, url, hdrs, auth)
@@ -229,7 +242,7 @@ class Upstream:
                 resp = await self._session.request(method, url, headers=hdrs, allow_redirects=False)
             except TimeoutError as exc:
                 self._on_request(registry, "timeout")
-                raise UpstreamUnavailable(registry, "timed out") from exc
+                raise UpstreamUnavailable(registry, self._timed_out(exc)) from exc
             except aiohttp.ClientConnectorError as exc:
                 self._on_request(registry, "unreachable")
                 raise UpstreamUnavailable(registry, f"unreachable ({exc.os_error})") from exc
@@ -250,10 +263,25 @@ class Upstream:
             return resp
         raise UpstreamInvalid(registry, f"more than {MAX_REDIRECTS} redirects", status=502)
 
+    def _timed_out(self, exc: TimeoutError) -> str:
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return f"timed out: no connection within {self.config.connect_timeout:g}s"
+        return f"timed out: no answer within {self.config.read_timeout:g}s"
+
     async def _authorization(
-        self, registry: str, repository: str, challenge: Challenge | None, fresh: bool = False
+        self,
+        registry: str,
+        repository: str,
+        challenge: Challenge | None,
+        credentials: Credentials | _Configured | None = CONFIGURED,
+        fresh: bool = False,
     ) -> str | None:
-        creds = self.config.credentials.get(registry)
+        configured = isinstance(credentials, _Configured)
+        creds = (
+            self.config.credentials.get(registry)
+            if isinstance(credentials, _Configured)
+            else credentials
+        )
         if challenge is None:
             return None
         if challenge.scheme == "basic":
@@ -262,7 +290,14 @@ class Upstream:
             return None
         scope = f"repository:{repository}:pull"
         service = challenge.params.get("service", "")
-        key = (challenge.realm, service, scope, creds.username or "" if creds else "")
+        if creds is not None and not configured:
+            # A client's credentials being checked: never cached (the key would
+            # not include the password).
+            token, _ = await self._fetch_token(registry, challenge.realm, service, scope, creds)
+            return f"Bearer {token}"
+        # Anonymous tokens and the configured identity's never share an entry.
+        who = "anonymous" if creds is None else f"configured:{creds.username or ''}"
+        key = (challenge.realm, service, scope, who)
         async with self._token_locks.setdefault(key, asyncio.Lock()):
             cached = self._tokens.get(key)
             if cached and cached[1] > time.monotonic() and not fresh:
