@@ -7,14 +7,12 @@ upstream serving oversized manifests, and a closed local port as insecure regist
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import socket
-import threading
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import SampleImages
+from tests.support.appthread import ThreadedApp
 from tests.support.registry import Registry
 from tests.support.stowage import Stowage
 from tests.support.util import free_port
@@ -84,61 +83,6 @@ def raw_request(host: str, method: str, path: str, timeout: float = 20.0) -> Raw
     if headers.get("transfer-encoding", "").lower() == "chunked":
         body = _dechunk(body)
     return RawResponse(status, headers, body)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class ThreadedApp:
-    """An aiohttp app on 127.0.0.1 (ephemeral port) in its own thread and event loop."""
-
-    routes: list[tuple[str, str, Handler]]
-    port: int = 0
-    requests: list[tuple[str, str]] = field(default_factory=list)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> ThreadedApp:
-        started = threading.Event()
-
-        @web.middleware
-        async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-            self.requests.append((request.method, request.path_qs))
-            return await handler(request)
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application(middlewares=[record])
-            for method, path, handler in self.routes:
-                app.router.add_route(method, path, handler)
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-            loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
-            self.port = int(runner.addresses[0][1])
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="test-upstream")
-        self._thread.start()
-        assert started.wait(10), "in-test upstream did not start"
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    def count(self, path_contains: str) -> int:
-        return sum(1 for _, p in list(self.requests) if path_contains in p)
 
 
 def _big_manifest() -> bytes:

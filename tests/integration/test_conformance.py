@@ -19,12 +19,10 @@ writing its report when the push API is off and the blob tests are not filtered 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import StowageFactory
+from tests.support.appthread import ThreadedApp
 from tests.support.images import PushedImage, push_image, push_index
 from tests.support.registry import Registry
 from tests.support.stowage import Stowage
@@ -117,13 +116,11 @@ class NsRelay:
 
     def __init__(self, target: str, ns: str) -> None:
         self.target, self.ns = target, ns
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._app = ThreadedApp([("*", "/{tail:.*}", self._relay)], name="ns-relay")
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self._app.host
 
     async def _relay(self, request: web.Request) -> web.StreamResponse:
         query = [(k, v) for k, v in request.query.items()] + [("ns", self.ns)]
@@ -153,32 +150,11 @@ class NsRelay:
             return resp
 
     def start(self) -> NsRelay:
-        started = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._relay)
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-            loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
-            self.port = int(runner.addresses[0][1])
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="ns-relay")
-        self._thread.start()
-        assert started.wait(10), "ns relay did not start"
+        self._app.start()
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+        self._app.stop()
 
 
 # --- running the suite ----------------------------------------------------------------------

@@ -12,16 +12,14 @@ than the one stowage authenticates as, so that stowage's own token requests stay
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import RegistryFactory, StowageFactory
+from tests.support.appthread import Handler, ThreadedApp
 from tests.support.images import PushedImage, build_image_layout, push_image
 from tests.support.regclient import RegistryClient, Response, sha256_digest
 from tests.support.registry import TOKEN_SERVICE, Registry, TokenIssuer, TokenUser
@@ -462,63 +461,6 @@ def test_identity_token_uses_refresh_grant(
 
 
 # --- redirects to a CDN --------------------------------------------------------------------
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class SeenRequest:
-    method: str
-    path: str
-    headers: dict[str, str]
-
-
-@dataclass
-class ThreadedApp:
-    """An aiohttp app on 127.0.0.1 (ephemeral port) in its own thread and event loop."""
-
-    routes: list[tuple[str, str, Handler]]
-    port: int = 0
-    seen: list[SeenRequest] = field(default_factory=list)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> ThreadedApp:
-        started = threading.Event()
-
-        @web.middleware
-        async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-            self.seen.append(SeenRequest(request.method, request.path, dict(request.headers)))
-            return await handler(request)
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application(middlewares=[record])
-            for method, path, handler in self.routes:
-                app.router.add_route(method, path, handler)
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-            self.port = int(runner.addresses[0][1])
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="test-upstream")
-        self._thread.start()
-        assert started.wait(10), "in-test server did not start"
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
 
 
 @pytest.fixture
