@@ -204,13 +204,7 @@ def cache_rm(image: str, data: Path | None, config: Path | None) -> None:
     from stowage.oci.digest import Digest
 
     store, index = _open(data, config)
-    try:
-        ref = parse_reference(image)
-    except InvalidReference as exc:
-        raise click.UsageError(str(exc)) from None
-    if not index.holds(ref.registry, ref.repository, ref.tag, ref.digest):
-        index.close()
-        raise click.ClickException(f"{ref} is not in the cache")
+    ref = _cached_ref(index, image)
     removed = index.remove_image(ref.registry, ref.repository, ref.tag, ref.digest)
     from stowage.store.gc import drop_pins
 
@@ -251,10 +245,7 @@ def cache_unpin(image: str, data: Path | None, config: Path | None) -> None:
     from stowage.store.gc import unpin
 
     _, index = _open(data, config)
-    try:
-        ref = parse_reference(image)
-    except InvalidReference as exc:
-        raise click.UsageError(str(exc)) from None
+    ref = _parse_image(image)
     removed = unpin(index.db, ref.registry, ref.repository, ref.ref)
     index.close()
     if not removed:
@@ -262,11 +253,18 @@ def cache_unpin(image: str, data: Path | None, config: Path | None) -> None:
     click.echo(f"unpinned {ref}")
 
 
-def _cached_ref(index: Index, image: str) -> Reference:
+def _parse_image(image: str, platform: str | None = None) -> Reference:
+    """IMAGE (and --platform) as given on the command line; a usage error if malformed."""
     try:
-        ref = parse_reference(image)
-    except InvalidReference as exc:
+        if platform is not None:
+            Platform.parse(platform)
+        return parse_reference(image)
+    except (InvalidReference, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _cached_ref(index: Index, image: str) -> Reference:
+    ref = _parse_image(image)
     if not index.holds(ref.registry, ref.repository, ref.tag, ref.digest):
         index.close()
         raise click.ClickException(f"{ref} is not in the cache")
@@ -405,11 +403,8 @@ def cache_warm(image: str, url: str, platform_: str) -> None:
     """Fill the cache with IMAGE by pulling it through a running stowage."""
     from stowage.pull import PullError, pull
 
-    try:
-        ref = parse_reference(image)
-        plat = Platform.parse(platform_)
-    except (InvalidReference, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
+    ref = _parse_image(image, platform_)
+    plat = Platform.parse(platform_)
     name = f"{encode_registry(ref.registry)}/{ref.repository}"
     base = url.rstrip("/")
 
@@ -465,11 +460,8 @@ def bench(image: str, url: str, platform_: str, insecure: bool, as_json: bool) -
     """
     from stowage import bench as bench_
 
-    try:
-        ref = parse_reference(image)
-        plat = Platform.parse(platform_)
-    except (InvalidReference, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
+    ref = _parse_image(image, platform_)
+    plat = Platform.parse(platform_)
     err = Console(stderr=True)
     try:
         report = bench_.run(
