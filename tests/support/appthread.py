@@ -11,7 +11,7 @@ from typing import Self
 
 from aiohttp import web
 
-from tests.support.util import Service
+from tests.support.util import HarnessError, Service
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -31,7 +31,7 @@ class ThreadedApp(Service):
 
     routes: Sequence[tuple[str, str, Handler]]
     name: str = "test-upstream"
-    port: int = 0
+    port: int = 0  # 0: an ephemeral port, known once started
     seen: list[SeenRequest] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -44,7 +44,10 @@ class ThreadedApp(Service):
         return sum(1 for r in list(self.seen) if path_contains in r.path_qs)
 
     def start(self) -> Self:
+        if self._thread is not None:
+            return self
         started = threading.Event()
+        error: list[BaseException] = []
 
         @web.middleware
         async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -56,12 +59,22 @@ class ThreadedApp(Service):
         def run() -> None:
             loop = asyncio.new_event_loop()
             self._loop = loop
+            asyncio.set_event_loop(loop)
             app = web.Application(middlewares=[record])
             for method, path, handler in self.routes:
                 app.router.add_route(method, path, handler)
+            # Short shutdown timeout: stop() must not hang on a handler that sleeps.
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+            try:
+                loop.run_until_complete(runner.setup())
+                site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
+                loop.run_until_complete(site.start())
+            except BaseException as exc:
+                error.append(exc)
+                loop.run_until_complete(runner.cleanup())
+                loop.close()
+                started.set()
+                return
             self.port = int(runner.addresses[0][1])
             started.set()
             loop.run_forever()
@@ -70,7 +83,12 @@ class ThreadedApp(Service):
 
         self._thread = threading.Thread(target=run, daemon=True, name=self.name)
         self._thread.start()
-        assert started.wait(10), f"{self.name} did not start"
+        if not started.wait(10):
+            raise HarnessError(f"{self.name} did not start within 10 s")
+        if error:
+            self._thread.join()
+            self._thread = None
+            raise HarnessError(f"{self.name} could not bind 127.0.0.1:{self.port}: {error[0]}")
         return self
 
     def stop(self) -> None:

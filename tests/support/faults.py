@@ -19,7 +19,8 @@ from typing import Self
 
 from aiohttp import web
 
-from tests.support.util import HarnessError, Service, free_port
+from tests.support.appthread import ThreadedApp
+from tests.support.util import Service, free_port
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,16 @@ class FaultServer(Service):
         headers: Mapping[str, str] | None = None,
         body: bytes | str = b"",
         delay: float = 0.0,
-        host: str = "127.0.0.1",
     ) -> None:
         """``delay`` seconds are waited before answering (for timeout tests)."""
-        self.host = host
+        self.host = "127.0.0.1"
         self.port = port or free_port()
         self._lock = threading.Lock()
         self._requests: list[FaultRequest] = []
         self.set_response(status, headers=headers, body=body, delay=delay)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
+        self._app = ThreadedApp(
+            [("*", "/{tail:.*}", self._handle)], name=f"FaultServer:{self.port}", port=self.port
+        )
 
     @property
     def url(self) -> str:
@@ -87,53 +87,11 @@ class FaultServer(Service):
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> Self:
-        if self._thread is not None:
-            return self
-        started = threading.Event()
-        error: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            # Short shutdown timeout: a stop() must not hang on a handler sleeping in `delay`.
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-            try:
-                loop.run_until_complete(runner.setup())
-                site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
-                loop.run_until_complete(site.start())
-            except BaseException as e:
-                error.append(e)
-                loop.run_until_complete(runner.cleanup())
-                loop.close()
-                started.set()
-                return
-            self._runner = runner
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"FaultServer:{self.port}", daemon=True)
-        self._thread.start()
-        if not started.wait(10):
-            raise HarnessError("FaultServer did not start within 10s")
-        if error:
-            self._thread.join()
-            self._thread = None
-            raise HarnessError(f"FaultServer could not bind {self.host}:{self.port}: {error[0]}")
+        self._app.start()
         return self
 
     def stop(self) -> None:
-        if self._thread is None or self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._thread = None
-        self._loop = None
-        self._runner = None
+        self._app.stop()
 
     # --- observation ----------------------------------------------------------------------
 
