@@ -30,11 +30,12 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import FaultFactory, RegistryFactory, SampleImages, StowageFactory
+from tests.support.appthread import ThreadedApp
 from tests.support.images import PushedImage, push_image
 from tests.support.regclient import ACCEPT_ALL_MANIFESTS, OCI_MANIFEST, sha256_digest
 from tests.support.registry import Registry
 from tests.support.stowage import Stowage
-from tests.support.util import HarnessError, Service, free_port
+from tests.support.util import Service, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -86,8 +87,9 @@ class FakeUpstream(Service):
         self.manifests: dict[str, FakeManifest] = {}  # key: "<repo>:<tag>" or "<repo>@<digest>"
         self._lock = threading.Lock()
         self._transfers: list[Transfer] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._app = ThreadedApp(
+            [("*", "/{tail:.*}", self._handle)], name=f"FakeUpstream:{self.port}", port=self.port
+        )
 
     @property
     def host(self) -> str:
@@ -186,40 +188,11 @@ class FakeUpstream(Service):
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Self:
-        started = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-            try:
-                loop.run_until_complete(runner.setup())
-                site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
-                loop.run_until_complete(site.start())
-            except BaseException as exc:
-                errors.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"FakeUpstream:{self.port}", daemon=True)
-        self._thread.start()
-        if not started.wait(10) or errors:
-            raise HarnessError(f"FakeUpstream did not start: {errors}")
+        self._app.start()
         return self
 
     def stop(self) -> None:
-        if self._thread is None or self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._thread = None
+        self._app.stop()
 
 
 @pytest.fixture
