@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from tests.conftest import SampleImages, StowageFactory
 from tests.support.images import PushedImage, push_image
 from tests.support.registry import Registry
+from tests.support.stowage import run_cli
 from tests.support.util import free_port
 
 pytestmark = pytest.mark.integration
@@ -21,12 +21,7 @@ LAYERS = (64 * 1024, 512 * 1024, 3 * 1024 * 1024)
 
 
 def bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stowage", "bench", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli("bench", *args, timeout=timeout)
 
 
 def bench_json(*args: str) -> dict[str, Any]:

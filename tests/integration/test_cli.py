@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from tests.conftest import RegistryFactory, SampleImages, StowageFactory
 from tests.support.images import PushedImage, push_image
 from tests.support.regclient import ACCEPT_ALL_MANIFESTS, RegistryClient, sha256_digest
 from tests.support.registry import Registry
-from tests.support.stowage import Stowage
+from tests.support.stowage import Stowage, clean_env, run_cli
 from tests.support.util import free_port, port_open, wait_port_closed
 
 pytestmark = pytest.mark.integration
@@ -33,25 +32,10 @@ CLI_TIMEOUT = 60.0
 # --- local helpers ------------------------------------------------------------------------
 
 
-def _clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The caller's environment without STOWAGE_* (so only the test decides), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STOWAGE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
-
-
 def _cli(
     *args: str, env: Mapping[str, str] | None = None, timeout: float = CLI_TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stowage", *args],
-        capture_output=True,
-        text=True,
-        env=_clean_env(env),
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def _flat(text: str) -> str:
@@ -80,7 +64,7 @@ class ServeProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=_clean_env(env),
+            env=clean_env(env),
             start_new_session=True,
         )
 

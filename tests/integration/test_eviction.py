@@ -11,8 +11,6 @@ import json
 import os
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from tests.conftest import RegistryFactory, StowageFactory
 from tests.support.images import PushedImage, push_image
 from tests.support.regclient import ACCEPT_ALL_MANIFESTS, sha256_digest
 from tests.support.registry import Registry
-from tests.support.stowage import Stowage
+from tests.support.stowage import Stowage, run_cli
 from tests.support.util import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
@@ -105,16 +103,7 @@ def gone(st: Stowage, image: PushedImage, *, keep: frozenset[str] = frozenset())
     return not any(d in on_disk or d in rows for d in files_of(image) if d not in keep)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STOWAGE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "stowage", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+cli = run_cli
 
 
 def ls(st: Stowage) -> list[dict[str, Any]]:

@@ -23,7 +23,6 @@ import shutil
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +50,7 @@ from tests.integration.test_caching import (
 from tests.support.images import PushedImage, push_image
 from tests.support.regclient import ACCEPT_ALL_MANIFESTS, OCI_INDEX, OCI_MANIFEST, sha256_digest
 from tests.support.registry import Registry
-from tests.support.stowage import Stowage
+from tests.support.stowage import Stowage, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -203,16 +202,7 @@ def assert_cache_consistent(data: Path, *, all_indexed: bool = False) -> dict[st
     return files
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STOWAGE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "stowage", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+cli = run_cli
 
 
 def flip_byte(path: Path, offset: int | None = None) -> None:

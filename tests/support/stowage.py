@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -222,3 +223,25 @@ def metric_value(metrics: Mapping[MetricKey, float], name: str, **labels: str) -
 
 def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The caller's environment without STOWAGE_* (so only the test decides), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOWAGE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``stowage ARGS`` as a user runs it: its own process, no stdin, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "stowage", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(env),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
