@@ -57,18 +57,24 @@ def _dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
-def raw_request(host: str, method: str, path: str, timeout: float = 20.0) -> RawResponse:
+def raw_request(
+    host: str, method: str, path: str, timeout: float = 20.0, extra: bytes = b""
+) -> RawResponse:
     """One HTTP/1.1 exchange over a bare socket: the path is sent byte for byte (no client
     normalisation of ``..`` or ``%2F``) and everything the server sends is read, so a body
-    on a HEAD response would be seen."""
+    on a HEAD response would be seen. ``extra``: raw header lines, CRLF-terminated."""
     name, _, port = host.rpartition(":")
     request = (
-        f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
-        "Accept: application/json\r\nContent-Length: 0\r\n\r\n"
+        (
+            f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+            "Accept: application/json\r\nContent-Length: 0\r\n"
+        ).encode("latin-1")
+        + extra
+        + b"\r\n"
     )
     chunks: list[bytes] = []
     with socket.create_connection((name, int(port)), timeout=timeout) as sock:
-        sock.sendall(request.encode("latin-1"))
+        sock.sendall(request)
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     data = b"".join(chunks)
@@ -448,6 +454,24 @@ def test_unknown_content_on_real_upstream_is_404(env: Env, method: str) -> None:
     _check_error(env, method, f"/v2/{p}/library/no-such-repo/tags/list", 404)
     assert _tree(env.stowage.data_dir / "blobs") == blobs_before
     assert not any(env.stowage.data_dir.joinpath("tmp").iterdir())
+
+
+def test_non_utf8_header_with_ignored_range_on_cached_blob(env: Env) -> None:
+    """A cached blob asked for with a Range stowage ignores (malformed) and a header whose
+    value is not UTF-8 is answered whole (once a connection closed without an answer)."""
+    p = env.prefix
+    layer, size = env.images.app.layers[0]
+    path = f"/v2/{p}/library/app/blobs/{layer}"
+    assert env.request("GET", path).status == 200  # now cached
+    for extra in (
+        b"Range: bytes=--5\r\nX-Bytes: \xff\xfe\r\n",
+        b"If-Match: \xff\r\nX-Bytes: \xc3\r\n",
+    ):
+        resp = raw_request(env.stowage.host, "GET", path, extra=extra)
+        assert resp.status == 200, extra
+        assert len(resp.body) == size
+        assert "sha256:" + hashlib.sha256(resp.body).hexdigest() == layer
+    assert "Traceback" not in env.stowage.log_text()
 
 
 # --- oversized manifests -------------------------------------------------------------------

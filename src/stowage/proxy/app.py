@@ -17,6 +17,7 @@ import aiohttp
 import structlog
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stowage.oci.digest import Digest, InvalidDigest, UnsupportedDigest, is_digest
@@ -669,10 +670,21 @@ def _for_file_response(request: web.BaseRequest) -> web.BaseRequest:
             drop.append(hdrs.RANGE)
     if not drop:
         return request
-    headers = request.headers.copy()
-    for name in drop:
-        headers.popall(name, None)
+    # clone() re-encodes every header as UTF-8: a value carrying raw non-UTF-8 bytes
+    # (kept by the parser as surrogates) cannot be, and no file response reads one.
+    dropped = {name.lower() for name in drop}
+    headers = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k.lower() not in dropped and _utf8(v)
+    )
     return request.clone(headers=headers)
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_cached_range(request: web.Request, path: str | os.PathLike[str], size: int) -> None:
