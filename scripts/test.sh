@@ -21,5 +21,5 @@ uv sync -q --frozen
 uv run ruff check src tests
 uv run mypy
 uv run lint-imports
-scripts/build-test-binaries.sh  # Go test tools (conformance suite) into .cache/bin/
+scripts/build-test-binaries.sh  # Go test tools (conformance suite, kube-apiserver, etcd, kubectl, helm) into .cache/bin/
 uv run pytest -q -p no:cacheprovider "$@"

@@ -14,6 +14,7 @@ import pytest
 from tests.support.containerd import Containerd, require_containerd
 from tests.support.faults import FaultServer
 from tests.support.images import PushedImage, push_image, push_index
+from tests.support.kube import KubeAPI, missing_binaries
 from tests.support.registry import Mode, Registry
 from tests.support.stowage import Stowage
 
@@ -139,3 +140,25 @@ def containerd(tmp_path: Path) -> Iterator[Containerd]:
         yield daemon
         print(f"--- containerd log tail ({daemon.log_file}) ---")
         print(daemon.log_tail())
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPI]:
+    """A real kube-apiserver + etcd on loopback for the whole session (admin kubeconfig)."""
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)} (scripts/build-test-binaries.sh builds them)")
+    with KubeAPI(tmp_path_factory.mktemp("kube")) as api:
+        yield api
+
+
+@pytest.fixture
+def namespace(kube: KubeAPI) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards (objects in it go with it)."""
+    name = f"t-{next(_namespaces)}"
+    kube.ok("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
+    yield name
+    kube.request("DELETE", f"/api/v1/namespaces/{name}")
+
+
+_namespaces = itertools.count(1)
