@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stowage.oci.digest import Digest, InvalidDigest, UnsupportedDigest, is_digest
-from stowage.oci.manifest import InvalidManifest, parse_manifest
+from stowage.oci.manifest import Descriptor, InvalidManifest, parse_manifest
 from stowage.oci.reference import is_valid_tag
 from stowage.proxy.access import CHALLENGE, AccessGate
 from stowage.proxy.errors import OCIError
@@ -33,6 +33,7 @@ from stowage.store.blobs import BlobStore
 from stowage.store.gc import Hold, Readers
 from stowage.store.index import Index, ManifestEntry
 from stowage.upstream.client import (
+    FetchedManifest,
     Upstream,
     UpstreamDenied,
     UpstreamError,
@@ -263,18 +264,17 @@ class Proxy:
         self, route: Route, ref: str, expected: Digest | None
     ) -> Manifest:
         fetched = await self.upstream.fetch_manifest(route.registry, route.repository, ref)
-        algorithm = expected.algorithm if expected else "sha256"
-        digest = Digest.of(fetched.body, algorithm)
         try:
-            self._check_manifest_digest(route, ref, fetched.digest, digest, expected)
-        except DigestMismatch:
-            # Counted here, once per upstream fetch, not once per waiting client.
-            self.metrics.digest_mismatches.labels(route.registry).inc()
-            raise
-        try:
-            media_type, refs = parse_manifest(fetched.body, fetched.content_type)
-        except InvalidManifest as exc:
-            raise UpstreamInvalid(route.registry, f"invalid manifest: {exc}", status=502) from exc
+            digest, media_type, refs = self._verify_manifest(route, ref, fetched, expected)
+        except UpstreamInvalid as exc:
+            if not fetched.via_parent:
+                raise
+            # The parent sent a wrong or invalid manifest: back it off, ask the registry.
+            self.upstream.blame_parent(str(exc), mismatch=isinstance(exc, DigestMismatch))
+            fetched = await self.upstream.fetch_manifest(
+                route.registry, route.repository, ref, parent=False
+            )
+            digest, media_type, refs = self._verify_manifest(route, ref, fetched, expected)
         content_type = fetched.content_type.split(";", 1)[0].strip() or media_type
         if content_type in ("application/json", "text/plain"):
             content_type = media_type
@@ -300,6 +300,25 @@ class Proxy:
             self.index.set_tag(route.registry, route.repository, ref, str(digest))
         self._remember(manifest)
         return manifest
+
+    def _verify_manifest(
+        self, route: Route, ref: str, fetched: FetchedManifest, expected: Digest | None
+    ) -> tuple[Digest, str, list[Descriptor]]:
+        """The manifest's digest, media type and references; raises DigestMismatch
+        (counted) or UpstreamInvalid for what must not be served or cached."""
+        algorithm = expected.algorithm if expected else "sha256"
+        digest = Digest.of(fetched.body, algorithm)
+        try:
+            self._check_manifest_digest(route, ref, fetched.digest, digest, expected)
+        except DigestMismatch:
+            # Counted here, once per upstream fetch, not once per waiting client.
+            self.metrics.digest_mismatches.labels(route.registry).inc()
+            raise
+        try:
+            media_type, refs = parse_manifest(fetched.body, fetched.content_type)
+        except InvalidManifest as exc:
+            raise UpstreamInvalid(route.registry, f"invalid manifest: {exc}", status=502) from exc
+        return digest, media_type, refs
 
     @staticmethod
     def _check_manifest_digest(
@@ -441,11 +460,15 @@ class Proxy:
                 log.warning(
                     "upstream failed during pass-through", digest=str(digest), error=str(exc)
                 )
+                if self.upstream.from_parent(upstream):
+                    self.upstream.blame_parent(f"blob {digest} cut short: {exc!r}")
                 _abort(request)
                 return resp
             if verify and hasher.hexdigest() != digest.hex:
                 self.metrics.digest_mismatches.labels(route.registry).inc()
                 log.warning("digest mismatch during pass-through", digest=str(digest))
+                if self.upstream.from_parent(upstream):
+                    self.upstream.blame_parent(f"blob {digest}: wrong bytes", mismatch=True)
                 request["result"] = "error"
                 _abort(request)
                 return resp
@@ -577,6 +600,8 @@ class Proxy:
             await resp.write_eof()
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("resuming from upstream failed", digest=str(digest), error=str(exc))
+            if self.upstream.from_parent(upstream):
+                self.upstream.blame_parent(f"blob {digest} cut short: {exc!r}")
             _abort(request)
         finally:
             upstream.release()

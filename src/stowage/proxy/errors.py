@@ -20,6 +20,8 @@ class OCIError(Exception):
     def response(self) -> web.Response:
         # aiohttp omits the body of a HEAD response and keeps its length.
         body = json.dumps({"errors": [{"code": self.code, "message": self.message}]}).encode()
+        # Marks it a registry's answer (as Distribution does), e.g. for a child stowage.
+        headers = {"Docker-Distribution-API-Version": "registry/2.0", **self.headers}
         return web.Response(
-            status=self.status, body=body, content_type="application/json", headers=self.headers
+            status=self.status, body=body, content_type="application/json", headers=headers
         )

@@ -75,6 +75,7 @@ class Fill:
         self.done = False
         self.verified = False
         self.error: BaseException | None = None
+        self.via_parent = False  # the bytes come from the parent stowage
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._changed = asyncio.Event()
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
@@ -118,6 +119,7 @@ class Fill:
                 raise CacheUnavailable(f"cannot create a temporary file: {exc}") from exc
             self.path = temp
             resp = await self._upstream.open_blob(self.registry, self.repository, str(self.digest))
+            self.via_parent = self._upstream.from_parent(resp)
             async with resp:
                 self.size = resp.content_length
                 hashed: asyncio.Future[str] = self._loop.create_future()
@@ -325,8 +327,18 @@ class Fills:
                 )
             elif isinstance(fill.error, DigestMismatch):
                 # Counted once per fill, however many clients it had.
-                log.warning("digest mismatch: blob rejected", digest=key, registry=fill.registry)
+                log.warning(
+                    "digest mismatch: blob rejected",
+                    digest=key,
+                    registry=fill.registry,
+                    via_parent=fill.via_parent,
+                )
                 self._on_mismatch(fill.registry)
+            if fill.via_parent and isinstance(fill.error, UpstreamError):
+                # Wrong or cut short: the clients' retries go to the registry.
+                self._upstream.blame_parent(
+                    str(fill.error), mismatch=isinstance(fill.error, DigestMismatch)
+                )
         finally:
             if self._fills.get(key) is fill:
                 del self._fills[key]

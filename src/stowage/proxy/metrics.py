@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
+from stowage.upstream.parent import RESULTS as PARENT_RESULTS
+
 # The *_created series only add noise to every scrape.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -70,6 +72,24 @@ class Metrics:
         )
         for reason in ("evict", "gc"):
             self.reclaimed.labels(reason)
+        self.parent_requests = Counter(
+            "stowage_parent_requests",
+            "Requests for the parent stowage (--parent), by result: ok (its answer used), "
+            "private (it refused anonymous access: the registry was asked with our "
+            "credentials), fallback (unreachable or failing: the registry was asked, the "
+            "parent backed off), skipped (backing off: the registry was asked), mismatch "
+            "(content it sent failed verification).",
+            ["result"],
+            registry=self.registry,
+        )
+
+    def on_parent(self, result: str) -> None:
+        self.parent_requests.labels(result).inc()
+
+    def show_parent(self) -> None:
+        """Make every result appear (at 0) on /metrics: a parent is configured."""
+        for result in PARENT_RESULTS:
+            self.parent_requests.labels(result)
 
     def on_upstream(self, registry: str, status: str) -> None:
         self.upstream_requests.labels(registry, status).inc()

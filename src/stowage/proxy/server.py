@@ -55,9 +55,13 @@ def build_app(settings: Settings) -> web.Application:
             ca_file=settings.ca_file,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            parent=settings.parent,
         ),
         metrics.on_upstream,
+        metrics.on_parent,
     )
+    if settings.parent:
+        metrics.show_parent()
     known = frozenset({*settings.insecure_registry, *credentials, settings.default_registry})
     proxy = Proxy(
         ProxyConfig(
@@ -237,5 +241,6 @@ def run(settings: Settings) -> None:
         listen=settings.listen,
         default_registry=settings.default_registry,
         tag_ttl=settings.tag_ttl,
+        parent=settings.parent,
     )
     web.run_app(app, host=host, port=port, access_log=None, print=None)

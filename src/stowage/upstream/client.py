@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from stowage.oci.manifest import MAX_MANIFEST_SIZE, UPSTREAM_ACCEPT
 from stowage.oci.reference import api_host
 from stowage.upstream.auth import Challenge, Credentials, parse_challenge
+from stowage.upstream.parent import EVERY_REGISTRY, PARENT_BACKOFF, Parent
 
 MAX_REDIRECTS = 5
 READ_BUFSIZE = 1024 * 1024
@@ -64,6 +65,7 @@ class FetchedManifest:
     body: bytes
     content_type: str
     digest: str | None  # Docker-Content-Digest as upstream sent it
+    via_parent: bool = False  # sent by the parent stowage, not the registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +82,12 @@ class UpstreamConfig:
     ca_file: Path | None = None
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    parent: str | None = None  # URL of a parent stowage, asked before the registries
+    parent_backoff: float = PARENT_BACKOFF
 
 
 RequestHook = Callable[[str, str], None]  # (registry, status or error kind)
+ParentHook = Callable[[str], None]  # result of asking the parent
 
 
 class _Configured:
@@ -93,9 +98,20 @@ CONFIGURED = _Configured()
 
 
 class Upstream:
-    def __init__(self, config: UpstreamConfig, on_request: RequestHook | None = None) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        on_request: RequestHook | None = None,
+        on_parent: ParentHook | None = None,
+    ) -> None:
         self.config = config
         self._on_request = on_request or (lambda registry, status: None)
+        # Tried first for every request made with the configured identity (see parent.py).
+        self.parent = (
+            Parent(config.parent, backoff=config.parent_backoff, on_result=on_parent or _ignore)
+            if config.parent
+            else None
+        )
         self._session: aiohttp.ClientSession | None = None
         self._challenges: dict[str, Challenge] = {}
         self._tokens: dict[tuple[str, str, str, str], tuple[str, float]] = {}
@@ -134,9 +150,17 @@ class Upstream:
 
     # -- high-level operations -----------------------------------------------
 
-    async def fetch_manifest(self, registry: str, repository: str, ref: str) -> FetchedManifest:
+    async def fetch_manifest(
+        self, registry: str, repository: str, ref: str, parent: bool = True
+    ) -> FetchedManifest:
+        """``parent=False``: from the registry even with a parent configured."""
         resp = await self.request(
-            "GET", registry, repository, f"manifests/{ref}", {"Accept": UPSTREAM_ACCEPT}
+            "GET",
+            registry,
+            repository,
+            f"manifests/{ref}",
+            {"Accept": UPSTREAM_ACCEPT},
+            parent=parent,
         )
         async with resp:
             self._raise_for(resp, registry, f"manifest {repository}:{ref}")
@@ -144,12 +168,15 @@ class Upstream:
                 raise UpstreamInvalid(
                     registry, f"manifest {repository}:{ref} exceeds 4 MiB", status=413
                 )
-            body = await self._read_limited(resp, registry, MAX_MANIFEST_SIZE)
-            return FetchedManifest(
-                body,
-                resp.headers.get("Content-Type", ""),
-                resp.headers.get("Docker-Content-Digest"),
-            )
+            body = await self._read_from(resp, registry)
+            if body is not None:
+                return FetchedManifest(
+                    body,
+                    resp.headers.get("Content-Type", ""),
+                    resp.headers.get("Docker-Content-Digest"),
+                    self.from_parent(resp),
+                )
+        return await self.fetch_manifest(registry, repository, ref, parent=False)
 
     async def head_manifest(self, registry: str, repository: str, ref: str) -> ManifestHead:
         resp = await self.request(
@@ -180,13 +207,40 @@ class Upstream:
             raise
         return resp
 
-    async def tags(self, registry: str, repository: str, query: str) -> tuple[int, str, bytes]:
+    async def tags(
+        self, registry: str, repository: str, query: str, parent: bool = True
+    ) -> tuple[int, str, bytes]:
         path = "tags/list" + (f"?{query}" if query else "")
-        resp = await self.request("GET", registry, repository, path)
+        resp = await self.request("GET", registry, repository, path, parent=parent)
         async with resp:
             self._raise_for(resp, registry, f"tags of {repository}")
-            body = await self._read_limited(resp, registry, MAX_MANIFEST_SIZE)
-            return resp.status, resp.headers.get("Content-Type", "application/json"), body
+            body = await self._read_from(resp, registry)
+            if body is not None:
+                return resp.status, resp.headers.get("Content-Type", "application/json"), body
+        return await self.tags(registry, repository, query, parent=False)
+
+    async def _read_from(self, resp: aiohttp.ClientResponse, registry: str) -> bytes | None:
+        """A manifest's or tag list's body; None when the parent broke off sending it
+        (it is backed off, and the caller asks the registry)."""
+        try:
+            return await self._read_limited(resp, registry, MAX_MANIFEST_SIZE)
+        except UpstreamUnavailable as exc:
+            if not self.from_parent(resp):
+                raise
+            self.blame_parent(str(exc))
+            return None
+
+    # -- the parent stowage ----------------------------------------------------
+
+    def from_parent(self, resp: aiohttp.ClientResponse) -> bool:
+        """Whether ``resp`` came from the parent stowage rather than the registry."""
+        return self.parent is not None and self.parent.sent(resp)
+
+    def blame_parent(self, reason: str, mismatch: bool = False) -> None:
+        """Content from the parent was bad (``mismatch``: wrong digest) or cut short:
+        leave the parent alone for a while, so the next attempt asks the registry."""
+        if self.parent is not None:
+            self.parent.failed(EVERY_REGISTRY, reason, "mismatch" if mismatch else "fallback")
 
     # -- plumbing ------------------------------------------------------------
 
@@ -198,12 +252,29 @@ class Upstream:
         path: str,
         headers: Mapping[str, str] | None = None,
         credentials: Credentials | _Configured | None = CONFIGURED,
+        parent: bool = True,
     ) -> aiohttp.ClientResponse:
         """Send a request to ``/v2/<repository>/<path>``, authenticating as
         the upstream demands. Network failures raise UpstreamUnavailable.
 
         ``credentials`` overrides the configured ones: None asks anonymously,
-        others (a client's, being verified) get fresh tokens that are not cached."""
+        others (a client's, being verified) get fresh tokens that are not cached.
+        With the configured ones, the parent stowage (if any, and unless
+        ``parent`` is False) is asked first, and its answer returned if it
+        stands (see parent.py); otherwise the registry is asked."""
+        if parent and self.parent is not None and isinstance(credentials, _Configured):
+            assert self._session is not None, "Upstream.start() not called"
+            resp = await self.parent.ask(
+                self._session,
+                method,
+                registry,
+                repository,
+                path,
+                headers or {},
+                has_credentials=registry in self.config.credentials,
+            )
+            if resp is not None:
+                return resp
         url = f"{self.base_url(registry)}/v2/{repository}/{path}"
         hdrs = CIMultiDict(headers or {})
         auth = await self._authorization(
@@ -399,6 +470,10 @@ def _retry_after(value: str | None) -> float:
             return DEFAULT_BACKOFF
         return max(0.0, when.timestamp() - time.time())
     return DEFAULT_BACKOFF
+
+
+def _ignore(result: str) -> None:
+    pass
 
 
 def _origin(url: str) -> tuple[str, str]:
