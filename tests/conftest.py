@@ -158,6 +158,9 @@ def namespace(kube: KubeAPI) -> Iterator[str]:
     name = f"t-{next(_namespaces)}"
     kube.ok("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
     yield name
+    # No controller-manager empties a deleted namespace here: delete its pods first
+    # (unscheduled pods go at once, there is no kubelet to wait for).
+    kube.request("DELETE", f"/api/v1/namespaces/{name}/pods")
     kube.request("DELETE", f"/api/v1/namespaces/{name}")
 
 

@@ -7,12 +7,14 @@ import datetime as dt
 import json
 import platform as host_platform
 import sqlite3
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import click
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
@@ -20,7 +22,8 @@ from rich.table import Table
 from stowage import __version__
 from stowage.oci.manifest import Platform
 from stowage.oci.reference import InvalidReference, Reference, encode_registry, parse_reference
-from stowage.settings import ConfigError, Settings, load_settings
+from stowage.operator.config import OperatorSettings
+from stowage.settings import ConfigError, Settings, load_layered, load_settings
 from stowage.units import format_size
 
 if TYPE_CHECKING:  # the store is imported only by the commands that use it
@@ -100,6 +103,7 @@ def main() -> None:
 @click.option("--low-watermark", type=float, metavar="PCT", help=_help("low_watermark"))
 @click.option("--gc-interval", type=float, metavar="SECONDS", help=_help("gc_interval"))
 @click.option("--gc-grace", type=float, metavar="SECONDS", help=_help("gc_grace"))
+@click.option("--parent", metavar="URL", help=_help("parent"))
 def serve(config: Path | None, **flags: Any) -> None:
     """Run the pull-through caching registry proxy.
 
@@ -473,3 +477,58 @@ def bench(image: str, url: str, platform_: str, insecure: bool, as_json: bool) -
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         bench_.render(report, Console())
+
+
+def _settings_options(model: type[BaseModel], env_prefix: str = "STOWAGE_") -> Callable[[F], F]:
+    """One click option per settings field: --field-name, repeatable for lists, help from
+    the field's description (what `--help` says is what the settings accept)."""
+
+    def decorate(f: F) -> F:
+        for name, info in reversed(model.model_fields.items()):
+            origin = typing.get_origin(info.annotation)
+            args = typing.get_args(info.annotation)
+            kwargs: dict[str, Any] = {}
+            if origin is list or list in (typing.get_origin(a) for a in args):
+                kwargs["multiple"] = True
+            elif origin is typing.Literal:
+                kwargs["type"] = click.Choice(list(args))
+            elif info.annotation in (Path, Path | None):
+                kwargs["type"] = click.Path(path_type=Path)
+            elif info.annotation is int:
+                kwargs["type"] = int
+            default = (
+                ""
+                if info.default_factory or info.default is None
+                else f" [default: {info.default:g}]"
+                if isinstance(info.default, float)
+                else f" [default: {info.default}]"
+            )
+            help_ = f"{info.description}{default} [env: {env_prefix}{name.upper()}]"
+            f = click.option(f"--{name.replace('_', '-')}", name, help=help_, **kwargs)(f)
+        return f
+
+    return decorate
+
+
+@main.command("operator")
+@_config_option
+@_settings_options(OperatorSettings)
+def operator(config: Path | None, **flags: Any) -> None:
+    """Run the Kubernetes operator: the pod webhook that rewrites images to the node
+    proxy, and the CachedImage controllers (prefetch, usage, expiry, freshness).
+
+    Every replica serves the webhook; the replicas elect one (kopf peering) to run
+    the controllers. Durations take s, m, h or d (30d); plain numbers are seconds.
+    """
+    from stowage import logs
+    from stowage.operator.main import OperatorError, run_operator
+
+    try:
+        settings = load_layered(OperatorSettings, config, **flags)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        asyncio.run(run_operator(settings))
+    except OperatorError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,7 @@ from pydantic_settings import (
 
 from stowage.oci.reference import is_valid_registry, normalize_registry
 from stowage.store.gc import SizeLimit, parse_size
+from stowage.upstream.parent import parent_url_problem
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,13 @@ class Settings(BaseSettings):
         description="Seconds unreferenced content is kept after its last use before garbage "
         "collection removes it (a blob whose manifest is still to come).",
     )
+    parent: str | None = Field(
+        None,
+        description="URL (http:// or https://HOST[:PORT]) of a parent stowage, e.g. the "
+        "cluster's: every registry request is tried there first (anonymously, host-prefixed) "
+        "and sent to the registry itself when the parent cannot be reached, fails or refuses "
+        "(a failing parent is left alone for 5 s). Default: registries only.",
+    )
 
     @field_validator("insecure_registry", mode="before")
     @classmethod
@@ -135,6 +143,19 @@ class Settings(BaseSettings):
     def _listen(cls, value: str) -> str:
         split_listen(value)
         return value
+
+    @field_validator("parent", mode="before")
+    @classmethod
+    def _parent(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise ValueError("--parent must be a URL")
+        value = value.strip()
+        problem = parent_url_problem(value)
+        if problem is not None:
+            raise ValueError(f"--parent {value!r} {problem}")
+        return value.rstrip("/")
 
     @field_validator("max_size", mode="before")
     @classmethod
@@ -178,14 +199,22 @@ def split_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+S = TypeVar("S", bound=BaseSettings)
+
+
 def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     """Settings from flags (None = not given), environment and config file."""
+    return load_layered(Settings, config_file, **flags)
+
+
+def load_layered(cls: type[S], config_file: Path | None = None, **flags: Any) -> S:
+    """``cls`` from flags (None = not given), environment and config file."""
     if config_file is None and os.environ.get("STOWAGE_CONFIG"):
         config_file = Path(os.environ["STOWAGE_CONFIG"])
     file_values = _read_yaml(config_file) if config_file else {}
     given = {k: v for k, v in flags.items() if v is not None and v != ()}
 
-    class _Layered(Settings):
+    class _Layered(cls):  # type: ignore[valid-type,misc]
         @classmethod
         def settings_customise_sources(
             cls,

@@ -1,0 +1,164 @@
+"""The operator's configuration: flags > STOWAGE_* environment > YAML file > defaults."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from stowage.oci.manifest import Platform
+from stowage.settings import split_listen
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> float:
+    """``30d``, ``12h``, ``15m``, ``90s`` or plain seconds → seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (e.g. 30d, 12h, 15m, 90s, or seconds)")
+    return float(m[1]) * _UNIT[m[2]]
+
+
+def _own_namespace() -> str:
+    return os.environ.get("POD_NAMESPACE") or "stowage"
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STOWAGE_", extra="forbid")
+
+    kubeconfig: Path | None = Field(
+        None,
+        description="Kubeconfig to use outside a cluster (default: in-cluster config, "
+        "else $KUBECONFIG or ~/.kube/config).",
+    )
+    namespace: str = Field(
+        default_factory=_own_namespace,
+        description="The operator's own namespace (default $POD_NAMESPACE, else stowage).",
+    )
+    proxy_address: str = Field(
+        "localhost:7439", description="Node proxy HOST:PORT that pod images are rewritten to."
+    )
+    cache_url: str = Field(
+        "http://stowage-cache:7439",
+        description="URL of the cluster cache (stowage serve) that CachedImages are "
+        "prefetched through and tags checked against.",
+    )
+    expiry: float = Field(
+        "30d",  # parsed by _duration
+        validate_default=True,
+        description="How long a CachedImage no pod uses is kept (e.g. 30d, 12h, seconds).",
+    )
+    ignore_namespace: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["kube-system"],
+        description="Namespace whose pods are never rewritten; repeatable (default "
+        "kube-system; the operator's own namespace is always ignored).",
+    )
+    include: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Rewrite only images whose normalised reference matches this regex; "
+        "repeatable (default: every image).",
+    )
+    exclude: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Never rewrite images whose normalised reference matches this regex; "
+        "repeatable.",
+    )
+    webhook_listen: str = Field("0.0.0.0:8443", description="HTTPS address of the webhook.")
+    webhook_service: str = Field(
+        "stowage-webhook", description="Service in front of the webhook (certificate names)."
+    )
+    webhook_config: str = Field(
+        "stowage", description="MutatingWebhookConfiguration whose caBundle is kept current."
+    )
+    webhook_host: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra DNS name or IP address for the webhook certificate; repeatable.",
+    )
+    cert_secret: str = Field(
+        "stowage-webhook-tls",
+        description="Secret where the operator keeps its own CA and serving certificate.",
+    )
+    cert_dir: Path | None = Field(
+        None,
+        description="Use tls.crt/tls.key/ca.crt from this directory (e.g. cert-manager) "
+        "instead of managing certificates.",
+    )
+    freshness_interval: float = Field(
+        "1h",  # parsed by _duration
+        validate_default=True,
+        description="How often a cached tag is checked against upstream (HEAD).",
+    )
+    registry_pace: float = Field(
+        0.2, ge=0, description="Minimum seconds between two tag checks against one registry."
+    )
+    platform: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["linux/amd64"],
+        description="Platform prefetched from multi-platform images, OS/ARCH[/VARIANT]; "
+        "repeatable (default linux/amd64).",
+    )
+    health_listen: str = Field(
+        "0.0.0.0:8080", description="Address of the liveness endpoint (GET /healthz)."
+    )
+    peering: str = Field(
+        "stowage", description="ClusterKopfPeering object the replicas elect a leader with."
+    )
+    peering_lifetime: int = Field(
+        30, ge=5, description="Seconds a replica's peering record lives without renewal."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    log_format: Literal["plain", "json"] = Field("plain", description="Log format.")
+
+    @field_validator(
+        "ignore_namespace", "include", "exclude", "webhook_host", "platform", mode="before"
+    )
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("expiry", "freshness_interval", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds <= 0:
+            raise ValueError(f"{value!r} must be more than zero")
+        return seconds
+
+    @field_validator("webhook_listen", "health_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        split_listen(value)
+        return value
+
+    @field_validator("platform")
+    @classmethod
+    def _platforms(cls, value: list[str]) -> list[str]:
+        for p in value:
+            Platform.parse(p)
+        return value
+
+    @field_validator("cache_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @property
+    def ignored_namespaces(self) -> list[str]:
+        return sorted({*self.ignore_namespace, self.namespace})
+
+    @property
+    def platforms(self) -> list[Platform]:
+        return [Platform.parse(p) for p in self.platform]

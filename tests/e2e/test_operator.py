@@ -1,0 +1,298 @@
+"""The operator against a real kube-apiserver: the chart's CRDs and webhook configuration
+(rendered by helm), `stowage operator` as a process serving the webhook over TLS, a real
+`stowage serve` as the cluster cache and the Debian registry as upstream."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.conftest import SampleImages
+from tests.support.kube import KubeAPI
+from tests.support.operators import CI_PATH, Operator, install_cluster_objects
+from tests.support.registry import Registry
+from tests.support.stowage import Stowage
+from tests.support.util import wait_until
+
+pytestmark = pytest.mark.integration
+
+PROXY = "localhost:7439"
+RELEASE = "stowage"
+OPERATOR_NS = "stowage-system"
+EXPIRY = 4  # seconds: pods deleted → CachedImage gone this long after
+ORIGINAL = "stowage.dev/original-images"
+
+
+@dataclass
+class Env:
+    kube: KubeAPI
+    registry: Registry
+    images: SampleImages
+    cache: Stowage
+    operator: Operator
+    webhook: dict[str, Any]
+
+    def pod(
+        self,
+        namespace: str,
+        name: str,
+        containers: dict[str, str],
+        *,
+        init: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Create a pod (never scheduled: there is no kubelet) and return it as stored."""
+        body: dict[str, Any] = {
+            "metadata": {"name": name, "labels": labels or {}},
+            "spec": {
+                "containers": [{"name": n, "image": i} for n, i in containers.items()],
+                "initContainers": [{"name": n, "image": i} for n, i in (init or {}).items()],
+            },
+        }
+        return self.kube.ok("POST", f"/api/v1/namespaces/{namespace}/pods", body)  # type: ignore[no-any-return]
+
+    def cached_images(self) -> dict[str, dict[str, Any]]:
+        items = self.kube.ok("GET", CI_PATH)["items"]
+        return {i["spec"]["sourceImage"]: i for i in items}
+
+    def wait_cached_image(self, image: str, check: Any, timeout: float = 60) -> dict[str, Any]:
+        def look() -> dict[str, Any] | None:
+            ci = self.cached_images().get(image)
+            return ci if ci is not None and check(ci) else None
+
+        return wait_until(
+            look,
+            timeout=timeout,
+            interval=0.2,
+            describe=lambda: (
+                f"{image}: {self.cached_images().get(image)}\n" + self.operator.log_tail(30)
+            ),
+        )
+
+
+def _images(pod: dict[str, Any], field: str = "containers") -> dict[str, str]:
+    return {c["name"]: c["image"] for c in pod["spec"].get(field) or []}
+
+
+@pytest.fixture(scope="module")
+def env(
+    kube: KubeAPI,
+    registry: Registry,
+    images: SampleImages,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("operator")
+    kube.ok("POST", "/api/v1/namespaces", {"metadata": {"name": OPERATOR_NS}})
+    with Stowage(
+        root / "cache",
+        insecure_registries=[registry.host],
+        log_file=root / "cache.log",
+    ) as cache:
+        operator = Operator(
+            kube,
+            root / "operator",
+            namespace=OPERATOR_NS,
+            cache_url=cache.url,
+            webhook_config=RELEASE,
+            peering=RELEASE,
+            cert_secret="stowage-webhook-tls",
+            extra_args=[
+                f"--proxy-address={PROXY}",
+                f"--expiry={EXPIRY}s",
+                "--exclude=^docker\\.io/library/excluded[:@]",
+                "--ignore-namespace=kube-system",
+                "--peering-lifetime=10",
+            ],
+        )
+        webhook = install_cluster_objects(kube, RELEASE, OPERATOR_NS, operator.webhook_url)
+        with operator:
+            env = Env(kube, registry, images, cache, operator, webhook)
+            # The webhook is usable once the operator has patched its CA into the config.
+            wait_until(
+                lambda: all(
+                    h["clientConfig"].get("caBundle")
+                    for h in kube.ok(
+                        "GET",
+                        "/apis/admissionregistration.k8s.io/v1/"
+                        f"mutatingwebhookconfigurations/{RELEASE}",
+                    )["webhooks"]
+                ),
+                timeout=30,
+                describe=operator.log_tail,
+            )
+            yield env
+            print("--- operator log tail ---\n" + operator.log_tail(80))
+
+
+def test_images_rewritten_to_the_node_proxy(env: Env, namespace: str) -> None:
+    reg = env.registry.host
+    digest = "sha256:" + "a" * 64
+    pod = env.pod(
+        namespace,
+        "rewrite",
+        {
+            "short": "nginx",
+            "tagged": "nginx:1.27",
+            "pinned": f"nginx@{digest}",
+            "both": f"nginx:1.27@{digest}",
+            "ported": f"{reg}/library/app:1",
+            "ghcr": "ghcr.io/org/tool:2",
+            "user": "someone/app",
+        },
+        init={"setup": "busybox:1.36"},
+    )
+    prefix = reg.replace(":", "-")
+    assert _images(pod) == {
+        "short": f"{PROXY}/docker.io/library/nginx:latest",
+        "tagged": f"{PROXY}/docker.io/library/nginx:1.27",
+        "pinned": f"{PROXY}/docker.io/library/nginx@{digest}",
+        "both": f"{PROXY}/docker.io/library/nginx:1.27@{digest}",
+        "ported": f"{PROXY}/{prefix}/library/app:1",
+        "ghcr": f"{PROXY}/ghcr.io/org/tool:2",
+        "user": f"{PROXY}/docker.io/someone/app:latest",
+    }
+    assert _images(pod, "initContainers") == {"setup": f"{PROXY}/docker.io/library/busybox:1.36"}
+    assert json.loads(pod["metadata"]["annotations"][ORIGINAL]) == {
+        "short": "nginx",
+        "tagged": "nginx:1.27",
+        "pinned": f"nginx@{digest}",
+        "both": f"nginx:1.27@{digest}",
+        "ported": f"{reg}/library/app:1",
+        "ghcr": "ghcr.io/org/tool:2",
+        "user": "someone/app",
+        "setup": "busybox:1.36",
+    }
+
+
+def test_ephemeral_containers_rewritten(env: Env, namespace: str) -> None:
+    env.pod(namespace, "debugged", {"main": "nginx:1.27"})
+    path = f"/api/v1/namespaces/{namespace}/pods/debugged/ephemeralcontainers"
+    pod = env.kube.ok("GET", f"/api/v1/namespaces/{namespace}/pods/debugged")
+    pod["spec"]["ephemeralContainers"] = [
+        {"name": "debugger", "image": "busybox:1.36", "stdin": True, "tty": True}
+    ]
+    updated = env.kube.ok("PUT", path, pod)
+    assert _images(updated, "ephemeralContainers") == {
+        "debugger": f"{PROXY}/docker.io/library/busybox:1.36"
+    }
+    originals = json.loads(updated["metadata"]["annotations"][ORIGINAL])
+    assert originals == {"main": "nginx:1.27", "debugger": "busybox:1.36"}
+
+
+def test_left_alone(env: Env, namespace: str) -> None:
+    # Opt-out label.
+    pod = env.pod(
+        namespace, "optout", {"app": "nginx:1.27"}, labels={"stowage.dev/image-caching": "ignore"}
+    )
+    assert _images(pod) == {"app": "nginx:1.27"}
+    assert ORIGINAL not in (pod["metadata"].get("annotations") or {})
+    # Exclude regex: only that container is left alone.
+    pod = env.pod(namespace, "excluded", {"ex": "excluded:1", "in": "included:1"})
+    assert _images(pod) == {"ex": "excluded:1", "in": f"{PROXY}/docker.io/library/included:1"}
+    assert json.loads(pod["metadata"]["annotations"][ORIGINAL]) == {"in": "included:1"}
+    # Already through the proxy: unchanged, nothing recorded.
+    proxied = f"{PROXY}/docker.io/library/nginx:1.27"
+    pod = env.pod(namespace, "proxied", {"app": proxied})
+    assert _images(pod) == {"app": proxied}
+    assert ORIGINAL not in (pod["metadata"].get("annotations") or {})
+    # Ignored namespaces: kube-system (configured) and the operator's own.
+    for ns in ("kube-system", OPERATOR_NS):
+        pod = env.pod(ns, f"ignored-{namespace}", {"app": "nginx:1.27"})
+        assert _images(pod) == {"app": "nginx:1.27"}
+        env.kube.ok("DELETE", f"/api/v1/namespaces/{ns}/pods/ignored-{namespace}")
+
+
+def test_cached_image_lifecycle(env: Env, namespace: str) -> None:
+    app = env.images.app
+    image = f"{env.registry.host}/library/app:1"
+    since = env.registry.checkpoint()
+    env.pod(namespace, "user-1", {"app": image})
+    env.pod(namespace, "user-2", {"app": image, "side": image})
+
+    ci = env.wait_cached_image(
+        image,
+        lambda ci: (
+            (ci.get("status") or {}).get("phase") == "Cached"
+            and ci["status"].get("usedBy", {}).get("count") == 2
+        ),
+    )
+    status = ci["status"]
+    assert status["digest"] == app.manifest_digest
+    assert status["size"] == sum(size for _, size in app.blobs)
+    assert status["usedBy"]["pods"] == [f"{namespace}/user-1", f"{namespace}/user-2"]
+    assert status["upToDate"] is True and status["upstreamDigest"] == app.manifest_digest
+    assert status.get("lastUsed")
+    assert "expiresAt" not in ci["spec"]
+    assert ci["metadata"]["name"].startswith("127.0.0.1-")
+    # The cluster cache fetched every blob once and now serves it without upstream.
+    for digest, _ in app.blobs:
+        assert env.registry.blob_gets(digest, since=since) == 1
+        resp = env.cache.get(f"/v2/{env.registry.path_prefix}/library/app/blobs/{digest}")
+        assert resp.status == 200
+    # kubectl shows it with the printer columns.
+    out = env.kube.kubectl("get", "ci", ci["metadata"]["name"]).stdout
+    assert out.split()[:6] == ["NAME", "IMAGE", "PHASE", "SIZE", "PODS", "EXPIRES"]
+    assert "Cached" in out and image in out
+
+    # Pods go → expiresAt is set, phase Expiring, then the CachedImage is deleted.
+    for pod in ("user-1", "user-2"):
+        env.kube.ok("DELETE", f"/api/v1/namespaces/{namespace}/pods/{pod}?gracePeriodSeconds=0")
+    ci = env.wait_cached_image(image, lambda ci: bool(ci["spec"].get("expiresAt")), timeout=20)
+    assert ci["status"]["usedBy"]["count"] == 0
+    wait_until(lambda: image not in env.cached_images(), timeout=EXPIRY + 20, interval=0.2)
+
+
+def test_retain_keeps_an_unused_image(env: Env) -> None:
+    image = f"{env.registry.host}/library/dockerv2:1"
+    env.kube.ok(
+        "POST",
+        CI_PATH,
+        {
+            "apiVersion": "stowage.dev/v1alpha1",
+            "kind": "CachedImage",
+            "metadata": {"name": "kept-dockerv2"},
+            "spec": {"sourceImage": image, "retain": True},
+        },
+    )
+    ci = env.wait_cached_image(image, lambda ci: (ci.get("status") or {}).get("phase") == "Cached")
+    assert ci["status"]["digest"] == env.images.dockerv2.manifest_digest
+    time.sleep(EXPIRY + 3)
+    ci = env.cached_images()[image]
+    assert ci["status"]["phase"] == "Cached"
+    env.kube.ok("DELETE", f"{CI_PATH}/kept-dockerv2")
+
+
+def test_prefetch_failure_is_reported_and_retried(env: Env) -> None:
+    image = f"{env.registry.host}/library/no-such-image:1"
+    env.kube.ok(
+        "POST",
+        CI_PATH,
+        {
+            "apiVersion": "stowage.dev/v1alpha1",
+            "kind": "CachedImage",
+            "metadata": {"name": "missing"},
+            "spec": {"sourceImage": image, "retain": True},
+        },
+    )
+    ci = env.wait_cached_image(
+        image, lambda ci: (ci.get("status") or {}).get("retries", 0) >= 2, timeout=60
+    )
+    assert ci["status"]["phase"] == "Failed"
+    assert "404" in ci["status"]["lastError"]
+    env.kube.ok("DELETE", f"{CI_PATH}/missing")
+
+
+def test_webhook_down_admits_pods_unchanged(env: Env, namespace: str) -> None:
+    env.operator.stop()
+    try:
+        pod = env.pod(namespace, "while-down", {"app": "nginx:1.27"})
+        assert _images(pod) == {"app": "nginx:1.27"}
+    finally:
+        env.operator.start()
+    pod = env.pod(namespace, "after-restart", {"app": "nginx:1.27"})
+    assert _images(pod) == {"app": f"{PROXY}/docker.io/library/nginx:1.27"}
