@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SampleImages
+from tests.support.images import push_image
 from tests.support.kube import KubeAPI
 from tests.support.operators import CI_PATH, Operator, install_cluster_objects
 from tests.support.registry import Registry
@@ -26,6 +27,7 @@ RELEASE = "stowage"
 OPERATOR_NS = "stowage-system"
 EXPIRY = 4  # seconds: pods deleted → CachedImage gone this long after
 ORIGINAL = "stowage.dev/original-images"
+FRESHNESS = 2  # seconds between two checks of a cached tag
 
 
 @dataclass
@@ -92,6 +94,7 @@ def env(
         root / "cache",
         insecure_registries=[registry.host],
         log_file=root / "cache.log",
+        tag_ttl=0,  # every tag check reaches the registry
     ) as cache:
         operator = Operator(
             kube,
@@ -107,6 +110,7 @@ def env(
                 "--exclude=^docker\\.io/library/excluded[:@]",
                 "--ignore-namespace=kube-system",
                 "--peering-lifetime=10",
+                f"--freshness-interval={FRESHNESS}s",
             ],
         )
         webhook = install_cluster_objects(kube, RELEASE, OPERATOR_NS, operator.webhook_url)
@@ -127,6 +131,10 @@ def env(
             )
             yield env
             print("--- operator log tail ---\n" + operator.log_tail(80))
+        kube.request(
+            "DELETE",
+            f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{RELEASE}",
+        )
 
 
 def test_images_rewritten_to_the_node_proxy(env: Env, namespace: str) -> None:
@@ -208,9 +216,8 @@ def test_left_alone(env: Env, namespace: str) -> None:
 
 
 def test_cached_image_lifecycle(env: Env, namespace: str) -> None:
-    app = env.images.app
-    image = f"{env.registry.host}/library/app:1"
-    since = env.registry.checkpoint()
+    app = push_image(env.registry, "library/life", "1")
+    image = f"{env.registry.host}/library/life:1"
     env.pod(namespace, "user-1", {"app": image})
     env.pod(namespace, "user-2", {"app": image, "side": image})
 
@@ -231,8 +238,8 @@ def test_cached_image_lifecycle(env: Env, namespace: str) -> None:
     assert ci["metadata"]["name"].startswith("127.0.0.1-")
     # The cluster cache fetched every blob once and now serves it without upstream.
     for digest, _ in app.blobs:
-        assert env.registry.blob_gets(digest, since=since) == 1
-        resp = env.cache.get(f"/v2/{env.registry.path_prefix}/library/app/blobs/{digest}")
+        assert env.registry.blob_gets(digest) == 1
+        resp = env.cache.get(f"/v2/{env.registry.path_prefix}/library/life/blobs/{digest}")
         assert resp.status == 200
     # kubectl shows it with the printer columns.
     out = env.kube.kubectl("get", "ci", ci["metadata"]["name"]).stdout
@@ -265,6 +272,43 @@ def test_retain_keeps_an_unused_image(env: Env) -> None:
     ci = env.cached_images()[image]
     assert ci["status"]["phase"] == "Cached"
     env.kube.ok("DELETE", f"{CI_PATH}/kept-dockerv2")
+
+
+def test_moved_tag_is_noticed_and_recached(env: Env) -> None:
+    first = push_image(env.registry, "library/fresh", "1", seed="fresh-1")
+    image = f"{env.registry.host}/library/fresh:1"
+    env.kube.ok(
+        "POST",
+        CI_PATH,
+        {
+            "apiVersion": "stowage.dev/v1alpha1",
+            "kind": "CachedImage",
+            "metadata": {"name": "fresh"},
+            "spec": {"sourceImage": image, "retain": True},
+        },
+    )
+    ci = env.wait_cached_image(image, lambda ci: (ci.get("status") or {}).get("phase") == "Cached")
+    assert ci["status"]["digest"] == first.manifest_digest
+    checked = ci["status"]["lastChecked"]
+    since = env.registry.checkpoint()
+    # Unchanged upstream: checks go on (HEAD only), the image stays up to date.
+    ci = env.wait_cached_image(image, lambda ci: ci["status"]["lastChecked"] != checked)
+    assert ci["status"]["upToDate"] is True
+    assert env.registry.count("HEAD", "/library/fresh/manifests/1", since=since) >= 1
+    assert env.registry.count("GET", "/library/fresh/manifests/1", since=since) == 0
+
+    moved = push_image(env.registry, "library/fresh", "1", seed="fresh-2")
+    assert moved.manifest_digest != first.manifest_digest
+    ci = env.wait_cached_image(
+        image, lambda ci: ci["status"].get("digest") == moved.manifest_digest, timeout=30
+    )
+    assert ci["status"]["upstreamDigest"] == moved.manifest_digest
+    assert ci["status"]["upToDate"] is True
+    assert ci["status"]["phase"] == "Cached"
+    assert ci["status"]["size"] == sum(size for _, size in moved.blobs)
+    for digest, _ in moved.blobs:
+        assert env.registry.blob_gets(digest) == 1  # the cache now holds the new version
+    env.kube.ok("DELETE", f"{CI_PATH}/fresh")
 
 
 def test_prefetch_failure_is_reported_and_retried(env: Env) -> None:

@@ -46,6 +46,9 @@ RETRY_MIN, RETRY_MAX = 5.0, 600.0
 LAST_USED_EVERY = 300.0  # refresh lastUsed of an image in use at most this often
 
 
+_UNWRITTEN = object()
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -153,6 +156,10 @@ class Lifecycle:
     body: Mapping[str, Any]
     users: Any  # kopf.Index[str, str]: image → "namespace/pod"
     retries: int = 0
+    # The phase this loop last wrote: kopf's live body shows our own writes only once
+    # their watch event arrives, and acting on a stale phase would prefetch twice.
+    phase: str | None = None
+    written_expiry: dt.datetime | None | object = _UNWRITTEN  # likewise for spec.expiresAt
     retry_at: float = 0.0
     check_at: float = 0.0
     last_used_write: float = -1e9
@@ -204,12 +211,30 @@ class Lifecycle:
         # Expiry: the clock starts when the last user goes away.
         retain = bool(self.spec.get("retain"))
         expires = parse_time(self.spec.get("expiresAt"))
+        if self.written_expiry is not _UNWRITTEN:
+            if expires == self.written_expiry:
+                self.written_expiry = _UNWRITTEN  # the watch caught up with our write
+            else:
+                expires = self.written_expiry  # type: ignore[assignment]
+        new_expiry: dt.datetime | None | object = _UNWRITTEN
         if users and expires is not None:
-            await self.patch_spec({"expiresAt": None})
-            expires = None
+            new_expiry = expires = None
         elif not users and expires is None:
-            expires = now + dt.timedelta(seconds=self.rt.settings.expiry)
-            await self.patch_spec({"expiresAt": iso(expires)})
+            new_expiry = expires = now + dt.timedelta(seconds=self.rt.settings.expiry)
+
+        # Status first, so that whoever sees expiresAt also sees the usage that set it.
+        phase = self.phase or self.status.get("phase")
+        if expires is not None and not retain and phase == "Cached":
+            changes["phase"] = "Expiring"
+        elif (expires is None or retain) and phase == "Expiring":
+            changes["phase"] = "Cached"
+        if changes:
+            await self.set_status(**changes)
+        if new_expiry is not _UNWRITTEN:
+            self.written_expiry = new_expiry
+            await self.patch_spec(
+                {"expiresAt": iso(new_expiry) if isinstance(new_expiry, dt.datetime) else None}
+            )
         if expires is not None and not retain:
             if expires <= now:
                 await self.delete()
@@ -217,13 +242,7 @@ class Lifecycle:
             due.append((expires - now).total_seconds())
 
         # Caching, retries and freshness.
-        phase = self.status.get("phase")
-        if expires is not None and not retain and phase == "Cached":
-            changes["phase"] = "Expiring"
-        elif (expires is None or retain) and phase == "Expiring":
-            changes["phase"] = "Cached"
-        if changes:
-            await self.set_status(**changes)
+        phase = self.phase or phase
         if phase in (None, "Pending", "Caching") or (
             phase == "Failed" and loop.time() >= self.retry_at
         ):
@@ -293,6 +312,8 @@ class Lifecycle:
     # A merge patch: the client would send a dict as a JSON patch. Its stubs omit the
     # generated `_content_type` parameter, hence the ignores.
     async def set_status(self, **fields: Any) -> None:
+        if "phase" in fields:
+            self.phase = fields["phase"]
         await self.rt.objects.patch_cluster_custom_object_status(  # type: ignore[call-arg]
             GROUP, VERSION, PLURAL, self.name, {"status": fields}, _content_type=MERGE_PATCH
         )

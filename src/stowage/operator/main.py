@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import os
 import random
@@ -69,6 +70,13 @@ def _kopf_settings(settings: OperatorSettings, cert_dir: Path) -> kopf.OperatorS
 
 
 async def run_operator(settings: OperatorSettings) -> None:
+    # kopf speaks through the standard logging module. Keep its leadership changes
+    # ("Pausing operations in favour of ...", "Resuming ...") and its warnings; its
+    # per-handler chatter is for --log-level debug.
+    logging.getLogger("kopf").setLevel(
+        logging.DEBUG if settings.log_level == "debug" else logging.WARNING
+    )
+    logging.getLogger("kopf._core.engines.peering").setLevel(logging.INFO)
     try:
         policy = RewritePolicy.build(
             settings.proxy_address,
