@@ -1,0 +1,136 @@
+{{/*
+Chart name, at most 63 characters (a DNS label).
+*/}}
+{{- define "stowage.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified release name, the prefix of every object's name. Kept to 48 characters so
+that suffixes such as "-webhook-cert" still make valid names.
+*/}}
+{{- define "stowage.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 48 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 48 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 48 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "stowage.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of every object. Call with (dict "ctx" $ "component" "operator"); the component is
+optional.
+*/}}
+{{- define "stowage.labels" -}}
+helm.sh/chart: {{ include "stowage.chart" .ctx }}
+{{ include "stowage.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: stowage
+{{- end }}
+
+{{/*
+Selector labels: (dict "ctx" $ "component" "operator").
+*/}}
+{{- define "stowage.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "stowage.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- with .component }}
+app.kubernetes.io/component: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The stowage image: repository@digest when a digest is given, else repository:tag (the
+chart's appVersion by default).
+*/}}
+{{- define "stowage.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Object names.
+*/}}
+{{- define "stowage.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (printf "%s-operator" (include "stowage.fullname" .)) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "stowage.registry.serviceAccountName" -}}
+{{- printf "%s-registry" (include "stowage.fullname" .) }}
+{{- end }}
+
+{{- define "stowage.cache.serviceName" -}}
+{{- printf "%s-cache" (include "stowage.fullname" .) }}
+{{- end }}
+
+{{- define "stowage.webhook.serviceName" -}}
+{{- printf "%s-webhook" (include "stowage.fullname" .) }}
+{{- end }}
+
+{{/* Secret where the operator keeps its own CA and serving certificate. */}}
+{{- define "stowage.webhook.certSecretName" -}}
+{{- printf "%s-webhook-tls" (include "stowage.fullname" .) }}
+{{- end }}
+
+{{/* cert-manager Certificate (and its Secret) for the webhook. */}}
+{{- define "stowage.webhook.certificateName" -}}
+{{- printf "%s-webhook" (include "stowage.fullname" .) }}
+{{- end }}
+
+{{- define "stowage.webhook.certificateSecretName" -}}
+{{- printf "%s-webhook-cert" (include "stowage.fullname" .) }}
+{{- end }}
+
+{{/*
+URL of the cluster cache Service, as the node proxies and the operator reach it.
+*/}}
+{{- define "stowage.cache.url" -}}
+{{- printf "http://%s.%s.svc:%d" (include "stowage.cache.serviceName" .) .Release.Namespace (int .Values.cache.port) }}
+{{- end }}
+
+{{/*
+Namespaces whose pods the webhook never sees: the ignored ones and the release's own.
+*/}}
+{{- define "stowage.webhook.ignoredNamespaces" -}}
+{{- $namespaces := concat (.Values.operator.ignoredNamespaces | default list) (list .Release.Namespace) }}
+{{- toYaml ($namespaces | uniq) }}
+{{- end }}
+
+{{/*
+Security contexts shared by every pod and container.
+*/}}
+{{- define "stowage.podSecurityContext" -}}
+{{- toYaml .Values.podSecurityContext }}
+{{- end }}
+
+{{- define "stowage.containerSecurityContext" -}}
+{{- toYaml .Values.securityContext }}
+{{- end }}
+
+{{/*
+--log-level / --log-format flags.
+*/}}
+{{- define "stowage.logArgs" -}}
+- {{ printf "--log-level=%s" .Values.log.level | quote }}
+- {{ printf "--log-format=%s" .Values.log.format | quote }}
+{{- end }}
