@@ -92,6 +92,11 @@ def main() -> None:
 )
 @click.option("--cache-retry", type=float, metavar="SECONDS", help=_help("cache_retry"))
 @click.option("--auth-cache-ttl", type=float, metavar="SECONDS", help=_help("auth_cache_ttl"))
+@click.option(
+    "--admin-token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help=_help("admin_token_file"),
+)
 @click.option("--log-format", type=click.Choice(["plain", "json"]), help=_help("log_format"))
 @click.option(
     "--log-level",
@@ -111,13 +116,14 @@ def serve(config: Path | None, **flags: Any) -> None:
     written host-port) or name it as containerd's mirror in hosts.toml.
     """
     from stowage import logs
+    from stowage.proxy.admin import AdminTokenError
     from stowage.proxy.server import run
 
     settings = _settings(config_file=config, **flags)
     logs.configure(settings.log_format, settings.log_level)
     try:
         run(settings)
-    except AuthFileError as exc:
+    except (AuthFileError, AdminTokenError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(

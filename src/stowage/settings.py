@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         description="Seconds blobs are passed through uncached after the disk refused one "
         "(full, read-only) before caching is tried again.",
     )
+    admin_token_file: Path | None = Field(
+        None,
+        description="File holding the bearer token of the cache administration API "
+        "(/_stowage/v1: pin, unpin, release; the operator uses it); off without it.",
+    )
     auth_cache_ttl: float = Field(
         300.0,
         ge=0,

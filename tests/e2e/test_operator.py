@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from tests.support.images import push_image
 from tests.support.kube import KubeAPI
 from tests.support.operators import CI_PATH, Operator, install_cluster_objects
 from tests.support.registry import Registry
-from tests.support.stowage import Stowage
+from tests.support.stowage import Stowage, run_cli
 from tests.support.util import wait_until
 
 pytestmark = pytest.mark.integration
@@ -89,12 +90,15 @@ def env(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("operator")
+    token = root / "cache-admin-token"
+    token.write_text(secrets.token_hex(24))
     kube.ok("POST", "/api/v1/namespaces", {"metadata": {"name": OPERATOR_NS}})
     with Stowage(
         root / "cache",
         insecure_registries=[registry.host],
         log_file=root / "cache.log",
         tag_ttl=0,  # every tag check reaches the registry
+        extra_args=[f"--admin-token-file={token}"],
     ) as cache:
         operator = Operator(
             kube,
@@ -111,6 +115,7 @@ def env(
                 "--ignore-namespace=kube-system",
                 "--peering-lifetime=10",
                 f"--freshness-interval={FRESHNESS}s",
+                f"--cache-token-file={token}",
             ],
         )
         webhook = install_cluster_objects(kube, RELEASE, OPERATOR_NS, operator.webhook_url)
@@ -188,8 +193,10 @@ def test_ephemeral_containers_rewritten(env: Env, namespace: str) -> None:
     assert _images(updated, "ephemeralContainers") == {
         "debugger": f"{PROXY}/docker.io/library/busybox:1.36"
     }
+    # That subresource changes ephemeral containers only: the annotation keeps the pod's
+    # originals (the debugger's source is read back from its proxied image).
     originals = json.loads(updated["metadata"]["annotations"][ORIGINAL])
-    assert originals == {"main": "nginx:1.27", "debugger": "busybox:1.36"}
+    assert originals == {"main": "nginx:1.27"}
 
 
 def test_left_alone(env: Env, namespace: str) -> None:
@@ -241,6 +248,8 @@ def test_cached_image_lifecycle(env: Env, namespace: str) -> None:
         assert env.registry.blob_gets(digest) == 1
         resp = env.cache.get(f"/v2/{env.registry.path_prefix}/library/life/blobs/{digest}")
         assert resp.status == 200
+    # Pinned in the cluster cache while the CachedImage exists.
+    assert _cache_listing(env, "library/life") == [("1", app.manifest_digest, True)]
     # kubectl shows it with the printer columns.
     out = env.kube.kubectl("get", "ci", ci["metadata"]["name"]).stdout
     assert out.split()[:6] == ["NAME", "IMAGE", "PHASE", "SIZE", "PODS", "EXPIRES"]
@@ -252,6 +261,18 @@ def test_cached_image_lifecycle(env: Env, namespace: str) -> None:
     ci = env.wait_cached_image(image, lambda ci: bool(ci["spec"].get("expiresAt")), timeout=20)
     assert ci["status"]["usedBy"]["count"] == 0
     wait_until(lambda: image not in env.cached_images(), timeout=EXPIRY + 20, interval=0.2)
+    # Released in the cluster cache: no name, no pin; its garbage collection reclaims it.
+    wait_until(lambda: _cache_listing(env, "library/life") == [], timeout=10)
+
+
+def _cache_listing(env: Env, repository: str) -> list[tuple[str | None, str, bool]]:
+    out = run_cli("cache", "ls", "--json", "--data", str(env.cache.data_dir))
+    assert out.returncode == 0, out.stderr
+    return [
+        (row["tag"], row["digest"], row["pinned"])
+        for row in json.loads(out.stdout)
+        if row["repository"] == repository
+    ]
 
 
 def test_retain_keeps_an_unused_image(env: Env) -> None:

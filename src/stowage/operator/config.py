@@ -51,6 +51,11 @@ class OperatorSettings(BaseSettings):
         description="URL of the cluster cache (stowage serve) that CachedImages are "
         "prefetched through and tags checked against.",
     )
+    cache_token_file: Path | None = Field(
+        None,
+        description="Admin token of the cluster cache (its --admin-token-file): CachedImages "
+        "are pinned there while they exist and released when deleted.",
+    )
     expiry: float = Field(
         "30d",  # parsed by _duration
         validate_default=True,

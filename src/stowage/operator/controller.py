@@ -94,6 +94,7 @@ class Runtime:
     api: k8s.ApiClient
     http: aiohttp.ClientSession
     pacer: Pacer
+    cache_token: str | None = None
     wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def wake(self, image: str) -> None:
@@ -159,7 +160,7 @@ class Lifecycle:
     # The phase this loop last wrote: kopf's live body shows our own writes only once
     # their watch event arrives, and acting on a stale phase would prefetch twice.
     phase: str | None = None
-    written_expiry: dt.datetime | None | object = _UNWRITTEN  # likewise for spec.expiresAt
+    written_expiry: dt.datetime | object | None = _UNWRITTEN  # likewise for spec.expiresAt
     retry_at: float = 0.0
     check_at: float = 0.0
     last_used_write: float = -1e9
@@ -216,7 +217,7 @@ class Lifecycle:
                 self.written_expiry = _UNWRITTEN  # the watch caught up with our write
             else:
                 expires = self.written_expiry  # type: ignore[assignment]
-        new_expiry: dt.datetime | None | object = _UNWRITTEN
+        new_expiry: dt.datetime | object | None = _UNWRITTEN
         if users and expires is not None:
             new_expiry = expires = None
         elif not users and expires is None:
@@ -274,6 +275,7 @@ class Lifecycle:
             )
             return
         self.retries = 0
+        await cache_admin(self.rt, "PUT", "pins", ref)
         now = utcnow()
         self.check_at = loop.time() + self.rt.settings.freshness_interval
         log.info("cached", image=source, digest=digest, size=size)
@@ -378,6 +380,48 @@ async def prefetch(rt: Runtime, ref: Reference) -> tuple[str, int]:
     return digest, sum(sizes.values())
 
 
+async def cache_admin(rt: Runtime, method: str, action: str, ref: Reference) -> bool:
+    """Pin or release ``ref`` in the cluster cache (its admin API). Best effort: a cache
+    that cannot be told only keeps evicting by least-recent use, which is safe."""
+    if rt.cache_token is None:
+        return False
+    url = f"{rt.settings.cache_url}/_stowage/v1/{action}"
+    try:
+        async with rt.http.request(
+            method,
+            url,
+            params={"image": str(ref)},
+            headers={"Authorization": f"Bearer {rt.cache_token}"},
+        ) as resp:
+            if resp.status == 200:
+                return True
+            log.warning("cache admin call refused", url=url, image=str(ref), status=resp.status)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("cache admin call failed", url=url, image=str(ref), error=str(exc))
+    return False
+
+
+async def release(rt: Runtime, name: str, body: Mapping[str, Any], others: Any) -> None:
+    """A CachedImage is gone: release its image in the cluster cache, unless another
+    CachedImage holds the same content (then only its pin goes)."""
+    try:
+        ref = parse_reference(str((body.get("spec") or {}).get("sourceImage", "")))
+    except InvalidReference:
+        return
+    digest = (body.get("status") or {}).get("digest")
+    shared = bool(digest) and any(
+        other_digest == digest
+        for other_name, store in others.items()
+        if other_name != name
+        for _, other_digest in store
+    )
+    done = await cache_admin(
+        rt, "DELETE" if shared else "POST", "pins" if shared else "release", ref
+    )
+    if done:
+        log.info("released in the cache", name=name, image=str(ref), shared=shared)
+
+
 async def head_digest(rt: Runtime, ref: Reference) -> str:
     """The digest the tag resolves to now, by HEAD through the cluster cache (which
     revalidates against upstream once its tag TTL is over)."""
@@ -470,8 +514,13 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
         return {image: f"{namespace}/{name}" for image in source_images(policy, body)}
 
     @kopf.index(GROUP, VERSION, PLURAL, id="cached_images", registry=registry)
-    def cached_images(*, name: str, **_: Any) -> dict[str, bool]:
-        return {name: True}
+    def cached_images(*, name: str, body: kopf.Body, **_: Any) -> dict[str, tuple[str, str]]:
+        spec, status = body.get("spec") or {}, body.get("status") or {}
+        return {name: (str(spec.get("sourceImage", "")), str(status.get("digest") or ""))}
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, id="release", registry=registry)
+    async def released(*, name: str, body: kopf.Body, **kw: Any) -> None:
+        await release(rt, name, body, kw["cached_images"])
 
     @kopf.on.event("pods", registry=registry)
     async def pod_event(*, body: kopf.Body, type: str, **kw: Any) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -86,6 +86,14 @@ async def run_operator(settings: OperatorSettings) -> None:
         )
     except ValueError as exc:
         raise OperatorError(str(exc)) from None
+    token = None
+    if settings.cache_token_file is not None:
+        try:
+            token = settings.cache_token_file.read_text().strip()
+        except OSError as exc:
+            raise OperatorError(
+                f"--cache-token-file {settings.cache_token_file}: {exc.strerror or exc}"
+            ) from None
     api = await _api_client(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,7 +130,9 @@ async def run_operator(settings: OperatorSettings) -> None:
 
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
         async with aiohttp.ClientSession(timeout=timeout) as http:
-            rt = Runtime(settings, policy, api, http, Pacer(settings.registry_pace))
+            rt = Runtime(
+                settings, policy, api, http, Pacer(settings.registry_pace), cache_token=token
+            )
             registry = kopf.OperatorRegistry()
             register(registry, rt)
             health_host, health_port = split_listen(settings.health_listen)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
+from stowage.proxy.admin import Admin, read_token
 from stowage.proxy.app import Proxy, ProxyConfig
 from stowage.proxy.badrequests import quiet_bad_requests
 from stowage.proxy.errors import OCIError
@@ -81,6 +82,8 @@ def build_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[_middleware(proxy)])
     app.router.add_route("*", "/v2", proxy.handle_v2)
     app.router.add_route("*", "/v2/{tail:.*}", proxy.handle_v2)
+    token = read_token(settings.admin_token_file) if settings.admin_token_file else None
+    Admin(index, token).routes(app)
     app.router.add_get("/metrics", proxy.metrics_handler)
     app.router.add_get("/healthz", _ok)
     app.router.add_get("/readyz", _ok)

@@ -401,39 +401,55 @@ class Index:
         """
         with self.db:
             self.db.execute("BEGIN")
-            roots: set[str] = set()
-            if tag is not None:
-                row = self.db.execute(
-                    "SELECT digest FROM tags WHERE registry=? AND repository=? AND tag=?",
-                    (registry, repository, tag),
-                ).fetchone()
-                if row:
-                    roots.add(row[0])
-                self.db.execute(
-                    "DELETE FROM tags WHERE registry=? AND repository=? AND tag=?",
-                    (registry, repository, tag),
-                )
-            if digest is not None:
-                roots.add(digest)
-                self.db.execute(
-                    "DELETE FROM tags WHERE registry=? AND repository=? AND digest=?",
-                    (registry, repository, digest),
-                )
-            for root in roots:
-                still_tagged = self.db.execute(
-                    "SELECT 1 FROM tags WHERE registry=? AND repository=? AND digest=?",
-                    (registry, repository, root),
-                ).fetchone()
-                if not still_tagged:
-                    self.db.execute(
-                        "DELETE FROM repo_manifests WHERE registry=? AND repository=? AND digest=?",
-                        (registry, repository, root),
-                    )
+            self._forget(registry, repository, tag, digest)
             removed = self._collect_unreferenced()
+        self._invalidate()
+        return removed
+
+    @tolerant
+    def release(self, registry: str, repository: str, tag: str | None, digest: str | None) -> None:
+        """Drop the names of an image (as remove_image does) but keep its rows: online
+        garbage collection deletes what no name reaches any more once it has been unused
+        for the grace period, minding readers, as for any other unreferenced content."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self._forget(registry, repository, tag, digest)
+        self._invalidate()
+
+    def _forget(self, registry: str, repository: str, tag: str | None, digest: str | None) -> None:
+        roots: set[str] = set()
+        if tag is not None:
+            row = self.db.execute(
+                "SELECT digest FROM tags WHERE registry=? AND repository=? AND tag=?",
+                (registry, repository, tag),
+            ).fetchone()
+            if row:
+                roots.add(row[0])
+            self.db.execute(
+                "DELETE FROM tags WHERE registry=? AND repository=? AND tag=?",
+                (registry, repository, tag),
+            )
+        if digest is not None:
+            roots.add(digest)
+            self.db.execute(
+                "DELETE FROM tags WHERE registry=? AND repository=? AND digest=?",
+                (registry, repository, digest),
+            )
+        for root in roots:
+            still_tagged = self.db.execute(
+                "SELECT 1 FROM tags WHERE registry=? AND repository=? AND digest=?",
+                (registry, repository, root),
+            ).fetchone()
+            if not still_tagged:
+                self.db.execute(
+                    "DELETE FROM repo_manifests WHERE registry=? AND repository=? AND digest=?",
+                    (registry, repository, root),
+                )
+
+    def _invalidate(self) -> None:
         self._tags.clear()
         self._manifests.clear()
         self._version = self._data_version()
-        return removed
 
     def _collect_unreferenced(self) -> list[str]:
         """Delete rows no root reaches any more; return their digests."""
@@ -492,9 +508,7 @@ class Index:
                     ("repo_manifests", "digest"),
                 ):
                     self.db.execute(f"DELETE FROM {table} WHERE {column}=?", (digest,))
-        self._tags.clear()
-        self._manifests.clear()
-        self._version = self._data_version()
+        self._invalidate()
         return dropped
 
     def reconcile(self, store: BlobStore) -> tuple[int, int]:
@@ -526,9 +540,7 @@ class Index:
             now = time.time()
             added = [(d, s, now, now) for d, s in on_disk.items() if d not in known]
             self.db.executemany("INSERT INTO blobs VALUES (?,?,?,?)", added)
-        self._tags.clear()
-        self._manifests.clear()
-        self._version = self._data_version()
+        self._invalidate()
         return dropped, len(added)
 
 
