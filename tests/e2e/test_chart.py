@@ -48,7 +48,11 @@ OPTIONS: dict[str, Any] = {
     "operator": {"include": [r"^docker\.io/"], "exclude": [r"^registry\.internal/"]},
 }
 
-STOWAGE_CRDS = ("cachedimages.stowage.dev", "clusterkopfpeerings.kopf.dev")
+STOWAGE_CRDS = (
+    "cachedimages.stowage.dev",
+    "clusterkopfpeerings.kopf.dev",
+    "imagecaches.stowage.dev",
+)
 
 
 # --- helm ---------------------------------------------------------------------------------
