@@ -20,6 +20,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from stowage import __version__
+from stowage.agent.config import AgentSettings
 from stowage.oci.manifest import Platform
 from stowage.oci.reference import InvalidReference, Reference, encode_registry, parse_reference
 from stowage.operator.config import OperatorSettings
@@ -502,6 +503,8 @@ def _settings_options(model: type[BaseModel], env_prefix: str = "STOWAGE_") -> C
                 kwargs["type"] = click.Path(path_type=Path)
             elif info.annotation is int:
                 kwargs["type"] = int
+            elif info.annotation is bool:
+                kwargs.update(is_flag=True, default=None)
             default = (
                 ""
                 if info.default_factory or info.default is None
@@ -537,4 +540,35 @@ def operator(config: Path | None, **flags: Any) -> None:
     try:
         asyncio.run(run_operator(settings))
     except OperatorError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command("agent")
+@_config_option
+@_settings_options(AgentSettings)
+def agent(config: Path | None, **flags: Any) -> None:
+    """Run the node agent: containerd mirror config (hosts.toml) for --mirror registries,
+    pre-pull of the ImageCaches that select this node through the CRI, and removal of
+    the start-up taint once the node proxy is ready.
+
+    With --uninstall it restores containerd's hosts.toml files and exits.
+    """
+    from stowage import logs
+    from stowage.agent.main import AgentError, run_agent, uninstall_mirror
+
+    try:
+        settings = load_layered(AgentSettings, config, **flags)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        if settings.uninstall:
+            changes = uninstall_mirror(settings)
+            click.echo(
+                f"restored {len(changes.restored)}, removed {len(changes.removed)} hosts.toml "
+                f"file(s) under {settings.containerd_config_path}"
+            )
+            return
+        asyncio.run(run_agent(settings))
+    except AgentError as exc:
         raise click.ClickException(str(exc)) from None

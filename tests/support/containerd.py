@@ -2,21 +2,40 @@
 
 The daemon gets its own root/state/socket in temp dirs, so it never touches a system
 containerd. It needs root; use ``require_containerd()`` to skip cleanly otherwise.
+
+Its CRI plugin serves ``runtime.v1`` on the same socket (``cri_socket``/``cri_endpoint``);
+image operations work without CNI, and its ``registry.config_path`` is ``hosts_dir``. Pod
+sandboxes can run too when a ``sandbox_image`` is given (host network only: there is no
+CNI); ``build_pause_layout`` makes a tiny one.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
+import json
 import os
+import platform
 import shutil
+import struct
 import subprocess
+import tarfile
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
+import grpc
+
+from stowage.agent.criapi import api_pb2 as pb
+from stowage.agent.criapi import api_pb2_grpc as rpc
+from tests.support.images import OCI_CONFIG, OCI_LAYER_GZIP, REF_NAME
+from tests.support.regclient import OCI_INDEX, OCI_MANIFEST, sha256_digest
 from tests.support.util import HarnessError, ManagedProcess, Service, tail, wait_until
 
 NAMESPACE = "test"
+CRI_NAMESPACE = "k8s.io"  # where the CRI plugin keeps its images, containers and sandboxes
 START_TIMEOUT = 30.0
 
 # Plugins that cannot work in a test sandbox (no btrfs/zfs/devmapper/aufs backing store) or
@@ -93,7 +112,16 @@ def write_hosts_toml(
 
 
 class Containerd(Service):
-    def __init__(self, workdir: Path | None = None, *, hosts_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        *,
+        hosts_dir: Path | None = None,
+        sandbox_image: str | None = None,
+    ) -> None:
+        """``sandbox_image``: the CRI plugin's pause image (pulled on the first
+        RunPodSandbox); setting it also makes runc usable here (see ``_config``)."""
+        self.sandbox_image = sandbox_image
         # Unix socket paths are limited to ~108 bytes and pytest tmp paths can be long, so
         # the socket and state (which holds more sockets) live in a short mkdtemp dir.
         self._short = tempfile.TemporaryDirectory(prefix="ctrd-")
@@ -130,6 +158,23 @@ class Containerd(Service):
         disabled = ", ".join(_toml_str(p) for p in DISABLED_PLUGINS)
         w = self.workdir
         cri = 'plugins."io.containerd.grpc.v1.cri"'
+        pods = ""
+        runtime = ""
+        if self.sandbox_image is not None:
+            # Containers: the pause image comes from the test registry; oom_score_adj is
+            # clamped to containerd's own (lowering it needs CAP_SYS_RESOURCE, which a
+            # sandboxed root may lack: runc then fails with "can't get final child's PID");
+            # runc keeps its state in our state dir, not /run/containerd/runc.
+            pods = (
+                f"  sandbox_image = {_toml_str(self.sandbox_image)}\n"
+                "  restrict_oom_score_adj = true\n"
+            )
+            runtime = f"""\
+  [{cri}.containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [{cri}.containerd.runtimes.runc.options]
+    Root = {_toml_str(self.state / "runc")}
+"""
         return f"""\
 version = 2
 root = {_toml_str(self.root)}
@@ -155,9 +200,9 @@ disabled_plugins = [{disabled}]
   disable_tcp_service = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-  [{cri}.containerd]
+{pods}  [{cri}.containerd]
     snapshotter = "{SNAPSHOTTER}"
-  [{cri}.cni]
+{runtime}  [{cri}.cni]
     bin_dir = {_toml_str(w / "cni" / "bin")}
     conf_dir = {_toml_str(w / "cni" / "conf")}
   [{cri}.registry]
@@ -182,7 +227,37 @@ disabled_plugins = [{disabled}]
         return self
 
     def stop(self) -> None:
+        if self.sandbox_image is not None and self.process.running():
+            self._kill_cri_tasks()
         self.process.stop(15)
+
+    def _kill_cri_tasks(self) -> None:
+        """Sandboxes and containers outlive containerd (their shims are not its children),
+        and a sandbox's /dev/shm stays mounted under our state dir: remove every pod a test
+        left behind, over the CRI as kubelet would, then kill any task still there."""
+        try:
+            with grpc.insecure_channel(self.cri_endpoint) as channel:
+                runtime = rpc.RuntimeServiceStub(channel)
+                pods = runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items
+                for pod in pods:
+                    runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod.id))
+                    runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+        except grpc.RpcError as exc:
+            print(f"containerd harness: removing pods failed: {exc}")
+        listed = self.ctr("tasks", "ls", "-q", namespace=CRI_NAMESPACE, check=False)
+        for task in listed.stdout.split():
+            self.ctr("tasks", "delete", "--force", task, namespace=CRI_NAMESPACE, check=False)
+
+    # --- CRI ------------------------------------------------------------------------------
+
+    @property
+    def cri_socket(self) -> Path:
+        """The CRI plugin serves runtime.v1 on containerd's own gRPC socket."""
+        return self.socket
+
+    @property
+    def cri_endpoint(self) -> str:
+        return f"unix://{self.socket}"
 
     def close(self) -> None:
         self.stop()
@@ -193,10 +268,10 @@ disabled_plugins = [{disabled}]
     # --- ctr ------------------------------------------------------------------------------
 
     def ctr(
-        self, *args: str, check: bool = True, timeout: float = 120
+        self, *args: str, check: bool = True, timeout: float = 120, namespace: str = NAMESPACE
     ) -> subprocess.CompletedProcess[str]:
         binary = shutil.which("ctr") or "ctr"
-        argv = [binary, "--address", str(self.socket), "--namespace", NAMESPACE, *args]
+        argv = [binary, "--address", str(self.socket), "--namespace", namespace, *args]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise HarnessError(f"{' '.join(argv)} -> {proc.returncode}\n{proc.stdout}{proc.stderr}")
@@ -260,3 +335,84 @@ disabled_plugins = [{disabled}]
 
     def log_tail(self, lines: int = 60) -> str:
         return tail(self.log_file, lines)
+
+
+# --- a pause image for pod sandboxes ----------------------------------------------------------
+
+
+def pods_unsupported() -> str | None:
+    """Why pod sandboxes cannot run here (for pytest.skip), or None."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"the test pause binary is x86-64 only, not {platform.machine()}"
+    if shutil.which("runc") is None:
+        return "runc not installed"
+    return None
+
+
+def pause_binary() -> bytes:
+    """A 129-byte static x86-64 Linux executable that sleeps forever: ``pause()`` in a loop.
+
+    As a sandbox's PID 1 it ignores SIGTERM (no handler), so containerd stops it with
+    SIGKILL, as it does the real pause image's. Built here so the tests need no toolchain
+    and no image from the network.
+    """
+    base = 0x400000
+    code = bytes([0xB8, 0x22, 0, 0, 0, 0x0F, 0x05, 0xEB, 0xF7])  # mov eax,34; syscall; jmp -9
+    ehsize, phsize = 64, 56
+    size = ehsize + phsize + len(code)
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)  # 64-bit, little-endian, SysV
+    header = ident + struct.pack(
+        "<HHIQQQIHHHHHH",
+        2,  # e_type: ET_EXEC
+        0x3E,  # e_machine: x86-64
+        1,  # e_version
+        base + ehsize + phsize,  # e_entry: the code, right after the headers
+        ehsize,  # e_phoff
+        0,  # e_shoff: no section headers
+        0,  # e_flags
+        ehsize,  # e_ehsize
+        phsize,  # e_phentsize
+        1,  # e_phnum
+        0,  # e_shentsize
+        0,  # e_shnum
+        0,  # e_shstrndx
+    )
+    segment = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)  # PT_LOAD R+X
+    return header + segment + code
+
+
+def build_pause_layout(dest: Path, tag: str = "1") -> Path:
+    """An OCI image layout at ``dest`` holding ``/pause`` (``pause_binary``) as entrypoint."""
+    blobs = dest / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    (dest / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+
+    def put(data: bytes) -> dict[str, Any]:
+        digest = sha256_digest(data)
+        (blobs / digest.removeprefix("sha256:")).write_bytes(data)
+        return {"digest": digest, "size": len(data)}
+
+    binary = pause_binary()
+    tar_buf = io.BytesIO()
+    with tarfile.open(fileobj=tar_buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("pause")
+        info.size, info.mode, info.mtime = len(binary), 0o755, 1_700_000_000
+        tar.addfile(info, io.BytesIO(binary))
+    layer = tar_buf.getvalue()
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Entrypoint": ["/pause"]},
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]},
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, **put(json.dumps(config).encode())},
+        "layers": [{"mediaType": OCI_LAYER_GZIP, **put(gzip.compress(layer, mtime=0))}],
+    }
+    descriptor = {"mediaType": OCI_MANIFEST, **put(json.dumps(manifest).encode())}
+    descriptor["annotations"] = {REF_NAME: tag}
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor]}
+    (dest / "index.json").write_text(json.dumps(index))
+    return dest

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -12,19 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from stowage.oci.manifest import Platform
 from stowage.settings import split_listen
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(value: Any) -> float:
-    """``30d``, ``12h``, ``15m``, ``90s`` or plain seconds → seconds."""
-    if isinstance(value, int | float):
-        return float(value)
-    m = _DURATION.match(str(value))
-    if not m:
-        raise ValueError(f"{value!r} is not a duration (e.g. 30d, 12h, 15m, 90s, or seconds)")
-    return float(m[1]) * _UNIT[m[2]]
+from stowage.units import parse_duration
 
 
 def _own_namespace() -> str:

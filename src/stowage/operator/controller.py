@@ -21,6 +21,7 @@ import kopf
 import structlog
 from kubernetes_asyncio import client as k8s
 
+from stowage.kubeclient import MERGE_PATCH
 from stowage.oci.manifest import UPSTREAM_ACCEPT, Platform
 from stowage.oci.reference import InvalidReference, Reference, encode_registry, parse_reference
 from stowage.operator.config import OperatorSettings
@@ -39,7 +40,6 @@ from stowage.pull import PullError, pull
 log = structlog.get_logger("stowage.operator")
 
 GROUP, VERSION, PLURAL = "stowage.dev", "v1alpha1", "cachedimages"
-MERGE_PATCH = "application/merge-patch+json"
 MAX_LISTED_PODS = 20
 TICK = 5.0  # seconds between two looks at a CachedImage with nothing else due
 RETRY_MIN, RETRY_MAX = 5.0, 600.0

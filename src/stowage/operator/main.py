@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import signal
 import tempfile
@@ -15,8 +14,8 @@ import aiohttp
 import kopf
 import structlog
 from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio import config as k8s_config
 
+from stowage.kubeclient import KubeConfigError, api_client
 from stowage.operator import certs
 from stowage.operator.config import OperatorSettings
 from stowage.operator.controller import Pacer, Runtime, register
@@ -28,19 +27,6 @@ log = structlog.get_logger("stowage.operator")
 
 class OperatorError(RuntimeError):
     """The operator cannot start; the message names the problem."""
-
-
-async def _api_client(settings: OperatorSettings) -> k8s.ApiClient:
-    try:
-        if settings.kubeconfig is not None:
-            await k8s_config.load_kube_config(config_file=str(settings.kubeconfig))
-        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
-        else:
-            await k8s_config.load_kube_config()
-    except (k8s_config.ConfigException, OSError) as exc:
-        raise OperatorError(f"no Kubernetes configuration: {exc}") from None
-    return k8s.ApiClient()
 
 
 def _kopf_settings(settings: OperatorSettings, cert_dir: Path) -> kopf.OperatorSettings:
@@ -94,7 +80,10 @@ async def run_operator(settings: OperatorSettings) -> None:
             raise OperatorError(
                 f"--cache-token-file {settings.cache_token_file}: {exc.strerror or exc}"
             ) from None
-    api = await _api_client(settings)
+    try:
+        api = await api_client(settings.kubeconfig)
+    except KubeConfigError as exc:
+        raise OperatorError(str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

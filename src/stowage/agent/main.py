@@ -1,0 +1,183 @@
+"""Run the node agent: containerd mirror config, start-up taint, pre-pull loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import watch as k8s_watch
+
+from stowage.agent import mirror
+from stowage.agent.config import TAINT_KEY, AgentSettings
+from stowage.agent.cri import CRIClient, CRIError
+from stowage.agent.prepull import GROUP, PLURAL, VERSION, PrePuller, wait_either
+from stowage.kubeclient import MERGE_PATCH, KubeConfigError, api_client
+from stowage.settings import split_listen
+
+log = structlog.get_logger("stowage.agent")
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start; the message names the problem."""
+
+
+def uninstall_mirror(settings: AgentSettings) -> mirror.MirrorChanges:
+    try:
+        return mirror.uninstall(settings.containerd_config_path)
+    except (OSError, mirror.MirrorConfigError) as exc:
+        raise AgentError(f"cannot restore {settings.containerd_config_path}: {exc}") from None
+
+
+def install_mirror(settings: AgentSettings) -> None:
+    try:
+        changes = mirror.install(
+            settings.containerd_config_path, settings.mirror, settings.proxy_url
+        )
+    except (OSError, mirror.MirrorConfigError) as exc:
+        raise AgentError(f"containerd mirror config: {exc}") from None
+    log.info(
+        "containerd mirror config",
+        path=str(settings.containerd_config_path),
+        registries=settings.mirror,
+        written=[str(p) for p in changes.written],
+        backed_up=[str(p) for p in changes.backed_up],
+        released=[str(p) for p in changes.restored + changes.removed],
+    )
+
+
+async def lift_taint(
+    api: k8s.ApiClient, settings: AgentSettings, http: aiohttp.ClientSession, stop: asyncio.Event
+) -> None:
+    """Remove the start-up taint from this node once the node proxy is ready."""
+    url = f"{settings.proxy_url}/readyz"
+    while not stop.is_set():
+        try:
+            async with http.get(url, timeout=aiohttp.ClientTimeout(total=3)) as resp:
+                if resp.status == 200:
+                    break
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        await wait_either(asyncio.Event(), stop, 1.0)
+    core = k8s.CoreV1Api(api)
+    while not stop.is_set():
+        node = await core.read_node(settings.node_name)
+        taints = node.spec.taints or []
+        kept = [t for t in taints if t.key != TAINT_KEY]
+        if len(kept) == len(taints):
+            return
+        body = {
+            # The resourceVersion makes this a compare-and-swap: taints written meanwhile
+            # by others are not lost (409, read again).
+            "metadata": {"resourceVersion": node.metadata.resource_version},
+            "spec": {"taints": [api.sanitize_for_serialization(t) for t in kept] or None},
+        }
+        try:
+            await core.patch_node(  # type: ignore[call-arg]
+                settings.node_name, body, _content_type=MERGE_PATCH
+            )
+        except k8s.ApiException as exc:
+            if exc.status == 409:
+                continue
+            raise
+        log.info("start-up taint removed", node=settings.node_name, taint=TAINT_KEY)
+        return
+
+
+async def watch_changes(api: k8s.ApiClient, settings: AgentSettings, wake: asyncio.Event) -> None:
+    """Wake the loop when an ImageCache or this node changes (the loop also runs on its
+    interval, so a broken watch only makes it slower)."""
+    objects = k8s.CustomObjectsApi(api)
+    core = k8s.CoreV1Api(api)
+
+    async def follow(list_fn: Any, *args: Any, **kwargs: Any) -> None:
+        while True:
+            try:
+                async with k8s_watch.Watch() as w:
+                    async for _ in w.stream(list_fn, *args, timeout_seconds=300, **kwargs):
+                        wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a watch that breaks is restarted, never fatal
+                log.debug("watch restarted", error=str(exc))
+                await asyncio.sleep(5)
+
+    await asyncio.gather(
+        follow(objects.list_cluster_custom_object, GROUP, VERSION, PLURAL),
+        follow(core.list_node, field_selector=f"metadata.name={settings.node_name}"),
+    )
+
+
+async def _health(settings: AgentSettings) -> web.AppRunner:
+    app = web.Application()
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_get("/healthz", ok)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, port = split_listen(settings.health_listen)
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def run_agent(settings: AgentSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if settings.mirror:
+        install_mirror(settings)
+    try:
+        api = await api_client(settings.kubeconfig)
+    except KubeConfigError as exc:
+        raise AgentError(str(exc)) from None
+    health = await _health(settings)
+    wake = asyncio.Event()
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        async with CRIClient(settings.cri_socket) as cri, aiohttp.ClientSession() as http:
+            try:
+                version = await cri.version()
+                log.info(
+                    "agent starting",
+                    node=settings.node_name,
+                    runtime=f"{version.runtime_name} {version.runtime_version}",
+                    proxy=settings.proxy_address,
+                    mirrored=settings.mirror,
+                )
+            except CRIError as exc:
+                log.error("runtime not reachable; retrying", error=str(exc))
+            if settings.remove_taint:
+                tasks.append(asyncio.create_task(lift_taint(api, settings, http, stop)))
+            tasks.append(asyncio.create_task(watch_changes(api, settings, wake)))
+            puller = PrePuller(
+                api,
+                cri,
+                node=settings.node_name,
+                proxy_address=settings.proxy_address,
+                mirrored={mirror.MirroredRegistry.parse(m).host for m in settings.mirror},
+                disk_threshold=settings.disk_threshold,
+                state_dir=settings.state_dir,
+            )
+            while not stop.is_set():
+                wake.clear()
+                try:
+                    delay = min(settings.sync_interval, await puller.reconcile())
+                except (k8s.ApiException, aiohttp.ClientError, CRIError, OSError) as exc:
+                    log.warning("reconcile failed", error=str(exc))
+                    delay = min(settings.sync_interval, 10.0)
+                await wait_either(wake, stop, delay)
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await health.cleanup()
+        await api.close()
