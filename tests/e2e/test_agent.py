@@ -201,7 +201,7 @@ def test_disk_above_threshold_skips_with_reason(
     assert not any("library/app" in name for name in _runtime_images(containerd))
 
 
-def test_mirror_config_installed_and_uninstalled(
+def test_mirror_config_follows_the_proxy_and_is_uninstalled(
     kube: KubeAPI,
     node: str,
     registry: Registry,
@@ -212,14 +212,25 @@ def test_mirror_config_installed_and_uninstalled(
     stowage = stowage_factory(upstreams=[registry])
     hosts = containerd.hosts_dir / registry.host / "hosts.toml"
     hosts.parent.mkdir(parents=True, exist_ok=True)
-    hosts.write_text('server = "http://original"\n')
+    original = 'server = "http://original"\n'
+    hosts.write_text(original)
     agent = agent_factory(node, stowage, f"--mirror=http://{registry.host}")
-    text = hosts.read_text()
-    assert f'server = "http://{registry.host}"' in text
-    assert f'[host."{stowage.url}"]' in text
-    assert 'capabilities = ["pull", "resolve"]' in text
+
+    def mirrored() -> bool:
+        text = hosts.read_text()
+        return f'[host."{stowage.url}"]' in text and f'server = "http://{registry.host}"' in text
+
+    wait_until(mirrored, timeout=20)
+    assert 'capabilities = ["pull", "resolve"]' in hosts.read_text()
+    # Proxy down: the config is withdrawn (a wedged proxy would stall containerd 1.6,
+    # which never gives up on a mirror that accepts and does not answer).
+    stowage.stop()
+    wait_until(lambda: hosts.read_text() == original, timeout=40)
+    stowage.start()
+    wait_until(mirrored, timeout=20)
+
     agent.stop()
     out = run_cli("agent", "--uninstall", f"--containerd-config-path={containerd.hosts_dir}")
     assert out.returncode == 0, out.stderr
     assert "restored 1" in out.stdout
-    assert hosts.read_text() == 'server = "http://original"\n'
+    assert hosts.read_text() == original

@@ -51,18 +51,57 @@ def install_mirror(settings: AgentSettings) -> None:
     )
 
 
+READY_EVERY = 5.0  # seconds between two looks at the node proxy's /readyz
+UNREADY_AFTER = 3  # failed looks in a row before the mirror config is withdrawn
+
+
+async def proxy_ready(http: aiohttp.ClientSession, settings: AgentSettings) -> bool:
+    try:
+        async with http.get(
+            f"{settings.proxy_url}/readyz", timeout=aiohttp.ClientTimeout(total=3)
+        ) as resp:
+            return resp.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def guard_mirror(
+    settings: AgentSettings, http: aiohttp.ClientSession, stop: asyncio.Event
+) -> None:
+    """containerd's mirror config only while the node proxy is ready.
+
+    containerd falls back to the registry when the mirror refuses connections or answers
+    an error, but (1.6) waits forever on one that accepts and never answers: a wedged
+    proxy would stall every mirrored pull on the node. So the hosts.toml files are written
+    once the proxy answers /readyz, and withdrawn (originals restored) after a few failed
+    looks in a row, until it is ready again."""
+    installed = False
+    failures = 0
+    while not stop.is_set():
+        if await proxy_ready(http, settings):
+            failures = 0
+            if not installed:
+                install_mirror(settings)
+                installed = True
+        else:
+            failures += 1
+            if installed and failures >= UNREADY_AFTER:
+                changes = uninstall_mirror(settings)
+                installed = False
+                log.warning(
+                    "node proxy not ready: containerd mirror config withdrawn",
+                    proxy=settings.proxy_url,
+                    restored=[str(p) for p in changes.restored],
+                    removed=[str(p) for p in changes.removed],
+                )
+        await wait_either(asyncio.Event(), stop, READY_EVERY)
+
+
 async def lift_taint(
     api: k8s.ApiClient, settings: AgentSettings, http: aiohttp.ClientSession, stop: asyncio.Event
 ) -> None:
     """Remove the start-up taint from this node once the node proxy is ready."""
-    url = f"{settings.proxy_url}/readyz"
-    while not stop.is_set():
-        try:
-            async with http.get(url, timeout=aiohttp.ClientTimeout(total=3)) as resp:
-                if resp.status == 200:
-                    break
-        except (aiohttp.ClientError, TimeoutError):
-            pass
+    while not stop.is_set() and not await proxy_ready(http, settings):
         await wait_either(asyncio.Event(), stop, 1.0)
     core = k8s.CoreV1Api(api)
     while not stop.is_set():
@@ -133,7 +172,13 @@ async def run_agent(settings: AgentSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if settings.mirror:
-        install_mirror(settings)
+        # Checked now, so that a bad --mirror is a start-up error, not a log line.
+        try:
+            for spec in settings.mirror:
+                mirror.MirroredRegistry.parse(spec)
+            mirror.validate_proxy_url(settings.proxy_url)
+        except mirror.MirrorConfigError as exc:
+            raise AgentError(f"--mirror: {exc}") from None
     try:
         api = await api_client(settings.kubeconfig)
     except KubeConfigError as exc:
@@ -154,6 +199,8 @@ async def run_agent(settings: AgentSettings) -> None:
                 )
             except CRIError as exc:
                 log.error("runtime not reachable; retrying", error=str(exc))
+            if settings.mirror:
+                tasks.append(asyncio.create_task(guard_mirror(settings, http, stop)))
             if settings.remove_taint:
                 tasks.append(asyncio.create_task(lift_taint(api, settings, http, stop)))
             tasks.append(asyncio.create_task(watch_changes(api, settings, wake)))

@@ -1,0 +1,60 @@
+"""Pure parts of the agent's pre-pull: node selection, pull names, pull-secret lookup."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from stowage.agent.prepull import credentials_from_secret, pull_name, selects
+from stowage.oci.reference import parse_reference
+
+
+def test_selects_needs_every_label() -> None:
+    labels = {"zone": "a", "disk": "ssd"}
+    assert selects(None, labels)
+    assert selects({}, labels)
+    assert selects({"zone": "a"}, labels)
+    assert not selects({"zone": "a", "disk": "hdd"}, labels)
+    assert not selects({"gpu": "yes"}, labels)
+
+
+@pytest.mark.parametrize(
+    ("image", "mirrored", "expected"),
+    [
+        ("nginx:1.27", set(), "localhost:7439/docker.io/library/nginx:1.27"),
+        ("127.0.0.1:5000/app:1", set(), "localhost:7439/127.0.0.1-5000/app:1"),
+        ("nginx:1.27", {"docker.io"}, "docker.io/library/nginx:1.27"),
+        ("ghcr.io/o/a@sha256:" + "a" * 64, {"_default"}, "ghcr.io/o/a@sha256:" + "a" * 64),
+        ("ghcr.io/o/a:1", {"docker.io"}, "localhost:7439/ghcr.io/o/a:1"),
+    ],
+)
+def test_pull_name_is_what_pods_use(image: str, mirrored: set[str], expected: str) -> None:
+    assert pull_name(parse_reference(image), mirrored, "localhost:7439") == expected
+
+
+def _secret(doc: object, key: str = ".dockerconfigjson") -> dict[str, object]:
+    return {"data": {key: base64.b64encode(json.dumps(doc).encode()).decode()}}
+
+
+def test_credentials_from_dockerconfigjson() -> None:
+    auth = base64.b64encode(b"alice:s3cret").decode()
+    secret = _secret(
+        {
+            "auths": {
+                "https://index.docker.io/v1/": {"auth": auth},
+                "ghcr.io": {"username": "bob", "password": "pw"},
+            }
+        }
+    )
+    assert credentials_from_secret(secret, "docker.io") == ("alice", "s3cret")
+    assert credentials_from_secret(secret, "ghcr.io") == ("bob", "pw")
+    assert credentials_from_secret(secret, "quay.io") is None
+
+
+def test_credentials_from_legacy_dockercfg_and_garbage() -> None:
+    legacy = _secret({"registry.local:5000": {"username": "u", "password": "p"}}, ".dockercfg")
+    assert credentials_from_secret(legacy, "registry.local:5000") == ("u", "p")
+    assert credentials_from_secret({"data": {".dockerconfigjson": "!!"}}, "docker.io") is None
+    assert credentials_from_secret({}, "docker.io") is None
