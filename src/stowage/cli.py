@@ -24,7 +24,7 @@ from stowage.agent.config import AgentSettings
 from stowage.oci.manifest import Platform
 from stowage.oci.reference import InvalidReference, Reference, encode_registry, parse_reference
 from stowage.operator.config import OperatorSettings
-from stowage.settings import ConfigError, Settings, load_layered, load_settings
+from stowage.settings import ClusterSettings, ConfigError, Settings, load_layered, load_settings
 from stowage.units import format_size
 
 if TYPE_CHECKING:  # the store is imported only by the commands that use it
@@ -519,6 +519,21 @@ def _settings_options(model: type[BaseModel], env_prefix: str = "STOWAGE_") -> C
     return decorate
 
 
+C = TypeVar("C", bound=ClusterSettings)
+
+
+def _cluster_settings(cls: type[C], config: Path | None, flags: dict[str, Any]) -> C:
+    """Settings of a cluster command (flags, environment, file), logging set up."""
+    from stowage import logs
+
+    try:
+        settings = load_layered(cls, config, **flags)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    logs.configure(settings.log_format, settings.log_level)
+    return settings
+
+
 @main.command("operator")
 @_config_option
 @_settings_options(OperatorSettings)
@@ -529,14 +544,9 @@ def operator(config: Path | None, **flags: Any) -> None:
     Every replica serves the webhook; the replicas elect one (kopf peering) to run
     the controllers. Durations take s, m, h or d (30d); plain numbers are seconds.
     """
-    from stowage import logs
     from stowage.operator.main import OperatorError, run_operator
 
-    try:
-        settings = load_layered(OperatorSettings, config, **flags)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    logs.configure(settings.log_format, settings.log_level)
+    settings = _cluster_settings(OperatorSettings, config, flags)
     try:
         asyncio.run(run_operator(settings))
     except OperatorError as exc:
@@ -553,14 +563,9 @@ def agent(config: Path | None, **flags: Any) -> None:
 
     With --uninstall it restores containerd's hosts.toml files and exits.
     """
-    from stowage import logs
     from stowage.agent.main import AgentError, run_agent, uninstall_mirror
 
-    try:
-        settings = load_layered(AgentSettings, config, **flags)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    logs.configure(settings.log_format, settings.log_level)
+    settings = _cluster_settings(AgentSettings, config, flags)
     try:
         if settings.uninstall:
             changes = uninstall_mirror(settings)

@@ -4,6 +4,7 @@ which win over the YAML config file, which wins over the defaults."""
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -19,6 +20,7 @@ from pydantic_settings import (
 
 from stowage.oci.reference import is_valid_registry, normalize_registry
 from stowage.store.gc import SizeLimit, parse_size
+from stowage.units import parse_duration
 from stowage.upstream.parent import parent_url_problem
 
 
@@ -188,6 +190,48 @@ class Settings(BaseSettings):
     @property
     def host_port(self) -> tuple[str, int]:
         return split_listen(self.listen)
+
+
+class ClusterSettings(BaseSettings):
+    """What the processes that run in a cluster (operator, agent) have in common."""
+
+    model_config = SettingsConfigDict(env_prefix="STOWAGE_", extra="forbid")
+
+    kubeconfig: Path | None = Field(
+        None,
+        description="Kubeconfig to use outside a cluster (default: in-cluster config, "
+        "else $KUBECONFIG or ~/.kube/config).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    log_format: Literal["plain", "json"] = Field("plain", description="Log format.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_lists(cls, data: Any) -> Any:
+        """A list option given as one string (environment, YAML) is comma-separated."""
+        if not isinstance(data, dict):
+            return data
+        for name, info in cls.model_fields.items():
+            value = data.get(name)
+            if isinstance(value, str) and typing.get_origin(info.annotation) is list:
+                data[name] = [v.strip() for v in value.split(",") if v.strip()]
+        return data
+
+
+def positive_duration(value: Any) -> float:
+    """``30d``, ``12h``, ``15m``, ``90s`` or seconds, more than zero."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be more than zero")
+    return seconds
+
+
+def http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    return value.rstrip("/")
 
 
 def _registry(value: str) -> str:

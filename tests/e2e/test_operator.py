@@ -16,7 +16,12 @@ import pytest
 from tests.conftest import SampleImages
 from tests.support.images import push_image
 from tests.support.kube import KubeAPI
-from tests.support.operators import CI_PATH, Operator, install_cluster_objects
+from tests.support.operators import (
+    CI_PATH,
+    Operator,
+    create_cached_image,
+    install_cluster_objects,
+)
 from tests.support.registry import Registry
 from tests.support.stowage import Stowage, run_cli
 from tests.support.util import wait_until
@@ -277,16 +282,7 @@ def _cache_listing(env: Env, repository: str) -> list[tuple[str | None, str, boo
 
 def test_retain_keeps_an_unused_image(env: Env) -> None:
     image = f"{env.registry.host}/library/dockerv2:1"
-    env.kube.ok(
-        "POST",
-        CI_PATH,
-        {
-            "apiVersion": "stowage.dev/v1alpha1",
-            "kind": "CachedImage",
-            "metadata": {"name": "kept-dockerv2"},
-            "spec": {"sourceImage": image, "retain": True},
-        },
-    )
+    create_cached_image(env.kube, "kept-dockerv2", image)
     ci = env.wait_cached_image(image, lambda ci: (ci.get("status") or {}).get("phase") == "Cached")
     assert ci["status"]["digest"] == env.images.dockerv2.manifest_digest
     time.sleep(EXPIRY + 3)
@@ -298,16 +294,7 @@ def test_retain_keeps_an_unused_image(env: Env) -> None:
 def test_moved_tag_is_noticed_and_recached(env: Env) -> None:
     first = push_image(env.registry, "library/fresh", "1", seed="fresh-1")
     image = f"{env.registry.host}/library/fresh:1"
-    env.kube.ok(
-        "POST",
-        CI_PATH,
-        {
-            "apiVersion": "stowage.dev/v1alpha1",
-            "kind": "CachedImage",
-            "metadata": {"name": "fresh"},
-            "spec": {"sourceImage": image, "retain": True},
-        },
-    )
+    create_cached_image(env.kube, "fresh", image)
     ci = env.wait_cached_image(image, lambda ci: (ci.get("status") or {}).get("phase") == "Cached")
     assert ci["status"]["digest"] == first.manifest_digest
     checked = ci["status"]["lastChecked"]
@@ -334,16 +321,7 @@ def test_moved_tag_is_noticed_and_recached(env: Env) -> None:
 
 def test_prefetch_failure_is_reported_and_retried(env: Env) -> None:
     image = f"{env.registry.host}/library/no-such-image:1"
-    env.kube.ok(
-        "POST",
-        CI_PATH,
-        {
-            "apiVersion": "stowage.dev/v1alpha1",
-            "kind": "CachedImage",
-            "metadata": {"name": "missing"},
-            "spec": {"sourceImage": image, "retain": True},
-        },
-    )
+    create_cached_image(env.kube, "missing", image)
     ci = env.wait_cached_image(
         image, lambda ci: (ci.get("status") or {}).get("retries", 0) >= 2, timeout=60
     )

@@ -15,7 +15,12 @@ import pytest
 
 from tests.conftest import SampleImages
 from tests.support.kube import KubeAPI
-from tests.support.operators import CI_PATH, Operator, install_cluster_objects
+from tests.support.operators import (
+    CI_PATH,
+    Operator,
+    create_cached_image,
+    install_cluster_objects,
+)
 from tests.support.registry import Registry
 from tests.support.stowage import Stowage
 from tests.support.util import wait_until
@@ -140,7 +145,7 @@ def test_one_leader_both_serve_the_webhook_and_the_other_takes_over(
 
     # Only the leader runs the controllers.
     first = f"{registry.host}/library/app:1"
-    _create(kube, "ha-first", first)
+    create_cached_image(kube, "ha-first", first)
     ci = _wait_phase(kube, "ha-first", "Cached")
     assert ci["status"]["digest"] == images.app.manifest_digest
     assert "ha-first" in leader.log_text() or first in leader.log_text()
@@ -149,25 +154,12 @@ def test_one_leader_both_serve_the_webhook_and_the_other_takes_over(
     # The leader dies without a word; the follower resumes after its record expires.
     leader.kill9()
     second = f"{registry.host}/library/dockerv2:1"
-    _create(kube, "ha-second", second)
+    create_cached_image(kube, "ha-second", second)
     ci = _wait_phase(kube, "ha-second", "Cached", timeout=LIFETIME + 60)
     assert ci["status"]["digest"] == images.dockerv2.manifest_digest
     assert "Resuming operations" in follower.log_text()
     for name in ("ha-first", "ha-second"):
         kube.request("DELETE", f"{CI_PATH}/{name}")
-
-
-def _create(kube: KubeAPI, name: str, image: str) -> None:
-    kube.ok(
-        "POST",
-        CI_PATH,
-        {
-            "apiVersion": "stowage.dev/v1alpha1",
-            "kind": "CachedImage",
-            "metadata": {"name": name},
-            "spec": {"sourceImage": image, "retain": True},
-        },
-    )
 
 
 def _wait_phase(kube: KubeAPI, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:

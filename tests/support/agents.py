@@ -4,14 +4,12 @@ private containerd's CRI socket."""
 from __future__ import annotations
 
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
 from tests.support.kube import KubeAPI
-from tests.support.util import HarnessError, ManagedProcess, Service, free_port
+from tests.support.util import HarnessError, ManagedProcess, Service, free_port, http_ok
 from tests.support.util import wait_until as _wait_until
 
 
@@ -59,12 +57,7 @@ class Agent(Service):
     def _ready(self) -> bool:
         if not self.process.running():
             raise HarnessError("stowage agent exited:\n" + self.log_tail())
-        try:
-            url = f"http://127.0.0.1:{self.health_port}/healthz"
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return bool(resp.status == 200)
-        except (OSError, urllib.error.URLError):
-            return False
+        return http_ok(f"http://127.0.0.1:{self.health_port}/healthz")
 
     def stop(self) -> None:
         self.process.stop()

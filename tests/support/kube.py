@@ -27,7 +27,14 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.support.util import HarnessError, ManagedProcess, Service, free_port, wait_until
+from tests.support.util import (
+    HarnessError,
+    ManagedProcess,
+    Service,
+    free_port,
+    http_ok,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".cache" / "bin"
@@ -90,7 +97,7 @@ class KubeAPI(Service):
         )
         self.etcd.start()
         wait_until(
-            lambda: _http_ok(f"http://127.0.0.1:{etcd_port}/health"),
+            lambda: http_ok(f"http://127.0.0.1:{etcd_port}/health"),
             timeout=30,
             describe=lambda: "etcd health\n" + self._tails(),
         )
@@ -222,11 +229,3 @@ class KubeAPI(Service):
         if check and proc.returncode != 0:
             raise HarnessError(f"kubectl {' '.join(args)} -> {proc.returncode}: {proc.stderr}")
         return proc
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return bool(resp.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False

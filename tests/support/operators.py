@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -14,12 +12,32 @@ from typing import Any, Self
 import yaml
 
 from tests.support.kube import BIN, ROOT, KubeAPI
-from tests.support.util import HarnessError, ManagedProcess, Service, free_port, port_open
+from tests.support.util import (
+    HarnessError,
+    ManagedProcess,
+    Service,
+    free_port,
+    http_ok,
+    port_open,
+)
 from tests.support.util import wait_until as _wait_until
 
 CHART = ROOT / "deploy" / "helm" / "stowage"
 GROUP, VERSION, PLURAL = "stowage.dev", "v1alpha1", "cachedimages"
 CI_PATH = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+
+
+def create_cached_image(kube: KubeAPI, name: str, image: str, *, retain: bool = True) -> None:
+    kube.ok(
+        "POST",
+        CI_PATH,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "CachedImage",
+            "metadata": {"name": name},
+            "spec": {"sourceImage": image, "retain": retain},
+        },
+    )
 
 
 def render_chart(
@@ -126,12 +144,7 @@ class Operator(Service):
             raise HarnessError("stowage operator exited:\n" + self.log_tail())
         if not port_open("127.0.0.1", self.webhook_port):
             return False
-        try:
-            url = f"http://127.0.0.1:{self.health_port}/healthz"
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return bool(resp.status == 200)
-        except (OSError, urllib.error.URLError):
-            return False
+        return http_ok(f"http://127.0.0.1:{self.health_port}/healthz")
 
     def stop(self) -> None:
         self.process.stop()

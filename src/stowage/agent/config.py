@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
-from stowage.settings import split_listen
-from stowage.units import parse_duration
+from stowage.settings import ClusterSettings, http_url, positive_duration, split_listen
 
 TAINT_KEY = "stowage.dev/not-ready"
 
@@ -20,14 +19,7 @@ def _node_name() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
 
-class AgentSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STOWAGE_", extra="forbid")
-
-    kubeconfig: Path | None = Field(
-        None,
-        description="Kubeconfig to use outside a cluster (default: in-cluster config, "
-        "else $KUBECONFIG or ~/.kube/config).",
-    )
+class AgentSettings(ClusterSettings):
     node_name: str = Field(
         default_factory=_node_name,
         description="This node's name (default $NODE_NAME, else the host name).",
@@ -82,25 +74,11 @@ class AgentSettings(BaseSettings):
     health_listen: str = Field(
         "0.0.0.0:8081", description="Address of the liveness endpoint (GET /healthz)."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Log level."
-    )
-    log_format: Literal["plain", "json"] = Field("plain", description="Log format.")
-
-    @field_validator("mirror", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
 
     @field_validator("sync_interval", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> float:
-        seconds = parse_duration(value)
-        if seconds <= 0:
-            raise ValueError(f"{value!r} must be more than zero")
-        return seconds
+        return positive_duration(value)
 
     @field_validator("health_listen")
     @classmethod
@@ -111,6 +89,4 @@ class AgentSettings(BaseSettings):
     @field_validator("proxy_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"{value!r} is not an http(s) URL")
-        return value.rstrip("/")
+        return http_url(value)

@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
 from stowage.oci.manifest import Platform
-from stowage.settings import split_listen
-from stowage.units import parse_duration
+from stowage.settings import ClusterSettings, http_url, positive_duration, split_listen
 
 
 def _own_namespace() -> str:
     return os.environ.get("POD_NAMESPACE") or "stowage"
 
 
-class OperatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STOWAGE_", extra="forbid")
-
-    kubeconfig: Path | None = Field(
-        None,
-        description="Kubeconfig to use outside a cluster (default: in-cluster config, "
-        "else $KUBECONFIG or ~/.kube/config).",
-    )
+class OperatorSettings(ClusterSettings):
     namespace: str = Field(
         default_factory=_own_namespace,
         description="The operator's own namespace (default $POD_NAMESPACE, else stowage).",
@@ -105,27 +97,11 @@ class OperatorSettings(BaseSettings):
     peering_lifetime: int = Field(
         30, ge=5, description="Seconds a replica's peering record lives without renewal."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Log level."
-    )
-    log_format: Literal["plain", "json"] = Field("plain", description="Log format.")
-
-    @field_validator(
-        "ignore_namespace", "include", "exclude", "webhook_host", "platform", mode="before"
-    )
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
 
     @field_validator("expiry", "freshness_interval", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> float:
-        seconds = parse_duration(value)
-        if seconds <= 0:
-            raise ValueError(f"{value!r} must be more than zero")
-        return seconds
+        return positive_duration(value)
 
     @field_validator("webhook_listen", "health_listen")
     @classmethod
@@ -143,9 +119,7 @@ class OperatorSettings(BaseSettings):
     @field_validator("cache_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"{value!r} is not an http(s) URL")
-        return value.rstrip("/")
+        return http_url(value)
 
     @property
     def ignored_namespaces(self) -> list[str]:
