@@ -234,3 +234,11 @@ def test_mirror_config_follows_the_proxy_and_is_uninstalled(
     assert out.returncode == 0, out.stderr
     assert "restored 1" in out.stdout
     assert hosts.read_text() == original
+
+    # Mirror mode turned off (no --mirror): an agent restores containerd's files itself.
+    agent = agent_factory(node, stowage, f"--mirror=http://{registry.host}")
+    wait_until(mirrored, timeout=20)
+    agent.stop()
+    assert mirrored()  # stopping leaves it: containerd falls back from a refused mirror
+    agent_factory(node, stowage)
+    assert hosts.read_text() == original

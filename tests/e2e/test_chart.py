@@ -1,6 +1,7 @@
 """The Helm chart (deploy/helm/stowage): lint, the contract of what it renders, and its
 acceptance by a real kube-apiserver (CRDs applied for real, everything else as a server-side
-dry-run, the operator's RBAC applied and asked with ``kubectl auth can-i``).
+dry-run, the operator's and the node agent's RBAC applied and asked with ``kubectl auth
+can-i``).
 
 The ServiceMonitor and cert-manager kinds are optional: their CRDs do not come with the
 chart, so the test that renders them installs minimal stand-in CRDs first (any object of the
@@ -9,11 +10,13 @@ kind is accepted; the rest of that rendering is checked in full).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from stowage.agent.mirror import MirroredRegistry
 from tests.support.kube import KubeAPI
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +40,13 @@ Doc = dict[str, Any]
 CERT_MANAGER: dict[str, Any] = {"webhook": {"certManager": {"enabled": True}}}
 SERVICE_MONITOR: dict[str, Any] = {"serviceMonitor": {"enabled": True}}
 HOST_PATH: dict[str, Any] = {"proxy": {"data": {"type": "hostPath"}}}
+AGENT_OPTIONS: dict[str, Any] = {
+    "agent": {
+        "mirror": {"registries": ["docker.io", "http://registry.local:5000"]},
+        "startupTaint": True,
+        "readPullSecrets": True,
+    }
+}
 OPTIONS: dict[str, Any] = {
     "webhook": {"certManager": {"enabled": True}},
     "serviceMonitor": {"enabled": True},
@@ -46,6 +57,7 @@ OPTIONS: dict[str, Any] = {
         "storage": {"storageClassName": "fast"},
     },
     "operator": {"include": [r"^docker\.io/"], "exclude": [r"^registry\.internal/"]},
+    **AGENT_OPTIONS,
 }
 
 STOWAGE_CRDS = (
@@ -165,6 +177,13 @@ def runs_as_non_root(workload: Doc, c: Doc) -> bool:
 
 CACHE_URL = f"http://{RELEASE}-cache.{NAMESPACE}.svc:7439"
 
+AGENT_OBJECTS = [
+    ("ServiceAccount", "stowage-agent"),
+    ("ClusterRole", "stowage-agent"),
+    ("ClusterRoleBinding", "stowage-agent"),
+    ("DaemonSet", "stowage-agent"),
+]
+
 
 # --- the chart itself ---------------------------------------------------------------------------
 
@@ -211,6 +230,7 @@ def test_default_render_has_exactly_these_objects(helm: Helm) -> None:
             ("Service", "stowage-cache"),
             ("Secret", "stowage-cache-admin"),
             ("ClusterKopfPeering", "stowage"),
+            *AGENT_OBJECTS,
         ]
     )
     cluster_scoped = {
@@ -229,6 +249,11 @@ def test_default_render_has_exactly_these_objects(helm: Helm) -> None:
     # The CRDs come with --include-crds (helm install applies them first).
     crds = of_kind(helm.template(include_crds=True), "CustomResourceDefinition")
     assert sorted(c["metadata"]["name"] for c in crds) == sorted(STOWAGE_CRDS)
+    # agent.enabled=false leaves out the agent's objects, and only them.
+    without = helm.template({"agent": {"enabled": False}})
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in without) == sorted(
+        set((d["kind"], d["metadata"]["name"]) for d in docs) - set(AGENT_OBJECTS)
+    )
 
 
 # --- the webhook ----------------------------------------------------------------------------
@@ -344,7 +369,7 @@ def test_webhook_with_cert_manager(helm: Helm) -> None:
     assert volume["secret"]["secretName"] == "stowage-webhook-cert"
     # Nothing left for the operator to do with Secrets or webhook configurations.
     assert not of_kind(docs, "Role")
-    rules = one(docs, "ClusterRole")["rules"]
+    rules = one(docs, "ClusterRole", "stowage-operator")["rules"]
     assert not [r for r in rules if "mutatingwebhookconfigurations" in r["resources"]]
 
     # A given issuer instead of the self-signed one.
@@ -480,7 +505,7 @@ def test_proxy_daemonset(helm: Helm) -> None:
 
 
 def test_proxy_host_path(helm: Helm) -> None:
-    proxy = one(helm.template(HOST_PATH), "DaemonSet")
+    proxy = one(helm.template(HOST_PATH), "DaemonSet", "stowage-proxy")
     spec = pod_spec(proxy)
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["data"]["hostPath"] == {"path": "/var/lib/stowage", "type": "DirectoryOrCreate"}
@@ -490,10 +515,13 @@ def test_proxy_host_path(helm: Helm) -> None:
     assert init["securityContext"]["allowPrivilegeEscalation"] is False
 
     values = merged(HOST_PATH, {"proxy": {"data": {"hostPath": {"initChown": False}}}})
-    assert "initContainers" not in pod_spec(one(helm.template(values), "DaemonSet"))
+    assert "initContainers" not in pod_spec(
+        one(helm.template(values), "DaemonSet", "stowage-proxy")
+    )
 
     values = {"proxy": {"data": {"emptyDir": {"sizeLimit": "12Gi"}}}}
-    volumes = {v["name"]: v for v in pod_spec(one(helm.template(values), "DaemonSet"))["volumes"]}
+    proxy = one(helm.template(values), "DaemonSet", "stowage-proxy")
+    volumes = {v["name"]: v for v in pod_spec(proxy)["volumes"]}
     assert volumes["data"]["emptyDir"] == {"sizeLimit": "12Gi"}
 
 
@@ -554,7 +582,7 @@ def test_cache_options(helm: Helm) -> None:
     # The node proxies reach the same insecure registries when the cache fails.
     assert (
         "--insecure-registry=registry.local:5000"
-        in container(one(docs, "DaemonSet"), "proxy")["args"]
+        in container(one(docs, "DaemonSet", "stowage-proxy"), "proxy")["args"]
     )
 
     values = {"cache": {"storage": {"storageClassName": "-", "size": "200Gi"}}}
@@ -592,6 +620,266 @@ def test_service_monitor(helm: Helm) -> None:
     assert proxies["spec"]["ports"][0]["targetPort"] == "http"
 
 
+# --- the node agent -------------------------------------------------------------------------
+
+
+def agent_rules(docs: list[Doc]) -> list[Doc]:
+    rules: list[Doc] = one(docs, "ClusterRole", "stowage-agent")["rules"]
+    return rules
+
+
+AGENT_BASE_RULES = [
+    {"apiGroups": ["stowage.dev"], "resources": ["imagecaches"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["stowage.dev"], "resources": ["imagecaches/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+]
+NODES_PATCH_RULE = {"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}
+SECRETS_GET_RULE = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+STARTUP_TOLERATION = {"key": "stowage.dev/not-ready", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def test_agent_daemonset(helm: Helm) -> None:
+    docs = helm.template()
+    agent = one(docs, "DaemonSet", "stowage-agent")
+    assert agent["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    assert agent["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "agent"
+    spec = pod_spec(agent)
+    assert spec["serviceAccountName"] == "stowage-agent"
+    # The node proxy listens on the node's 127.0.0.1 only: the agent shares the node's network.
+    assert spec["hostNetwork"] is True
+    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["tolerations"] == [{"operator": "Exists"}]  # every taint
+    assert "nodeSelector" not in spec and "affinity" not in spec
+    assert "initContainers" not in spec
+    c = container(agent, "agent")
+    assert c["args"] == [
+        "agent",
+        "--cri-socket=unix:///run/containerd/containerd.sock",
+        "--containerd-config-path=/etc/containerd/certs.d",
+        "--state-dir=/var/lib/stowage-agent",
+        "--proxy-url=http://127.0.0.1:7439",
+        "--proxy-address=localhost:7439",
+        "--health-listen=127.0.0.1:8081",
+        "--disk-threshold=85",
+        "--sync-interval=30s",
+        "--log-level=info",
+        "--log-format=json",
+    ]
+    # Mirror mode is off and the start-up taint is left alone by default.
+    assert not [a for a in c["args"] if a.startswith(("--mirror", "--remove-taint"))]
+    assert c["env"] == [
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+    ]
+    assert "ports" not in c  # nothing published: the health endpoint is on the node's loopback
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"host": "127.0.0.1", "path": "/healthz", "port": 8081}
+    assert "readinessProbe" not in c
+    # Root for file access only: no capability, no escalation, nothing writable but mounts.
+    assert c["securityContext"] == {
+        "runAsNonRoot": False,
+        "runAsUser": 0,
+        "runAsGroup": 0,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert spec["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert c["volumeMounts"] == [
+        {
+            "name": "cri-socket",
+            "mountPath": "/run/containerd",
+            "readOnly": True,
+            "mountPropagation": "HostToContainer",
+        },
+        {"name": "containerd-config", "mountPath": "/etc/containerd/certs.d"},
+        {
+            "name": "containerd-root",
+            "mountPath": "/var/lib/containerd",
+            "readOnly": True,
+            "mountPropagation": "HostToContainer",
+        },
+        {"name": "state", "mountPath": "/var/lib/stowage-agent"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    assert spec["volumes"] == [
+        {"name": "cri-socket", "hostPath": {"path": "/run/containerd", "type": "Directory"}},
+        {
+            "name": "containerd-config",
+            "hostPath": {"path": "/etc/containerd/certs.d", "type": "DirectoryOrCreate"},
+        },
+        {
+            "name": "containerd-root",
+            "hostPath": {"path": "/var/lib/containerd", "type": "Directory"},
+        },
+        {
+            "name": "state",
+            "hostPath": {"path": "/var/lib/stowage-agent", "type": "DirectoryOrCreate"},
+        },
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    # Its ServiceAccount carries a token (it uses the API); its role has no secrets and no
+    # node writes.
+    account = one(docs, "ServiceAccount", "stowage-agent")
+    assert "automountServiceAccountToken" not in account
+    assert agent_rules(docs) == AGENT_BASE_RULES
+    binding = one(docs, "ClusterRoleBinding", "stowage-agent")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "stowage-agent",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "stowage-agent", "namespace": NAMESPACE}
+    ]
+    # Nothing changes for the others: no plain-HTTP registry, no extra toleration.
+    assert not [
+        a
+        for w in (one(docs, "DaemonSet", "stowage-proxy"), one(docs, "StatefulSet"))
+        for a in containers(w)[-1]["args"]
+        if a.startswith("--insecure-registry")
+    ]
+    assert pod_spec(one(docs, "DaemonSet", "stowage-proxy"))["tolerations"] == [
+        {"operator": "Exists"}
+    ]
+
+
+def test_agent_mirror_taint_and_pull_secrets(helm: Helm) -> None:
+    docs = helm.template(AGENT_OPTIONS)
+    args = container(one(docs, "DaemonSet", "stowage-agent"), "agent")["args"]
+    assert [a for a in args if a.startswith(("--mirror", "--remove-taint"))] == [
+        "--mirror=docker.io",
+        "--mirror=http://registry.local:5000",
+        "--remove-taint",
+    ]
+    assert agent_rules(docs) == [*AGENT_BASE_RULES, NODES_PATCH_RULE, SECRETS_GET_RULE]
+    # The plain-HTTP mirrored registry is one the node proxies and the cluster cache reach
+    # over plain HTTP too.
+    for workload, name in (
+        (one(docs, "DaemonSet", "stowage-proxy"), "proxy"),
+        (one(docs, "StatefulSet"), "cache"),
+    ):
+        insecure = [a for a in container(workload, name)["args"] if a.startswith("--insecure")]
+        assert insecure == ["--insecure-registry=registry.local:5000"], name
+    # Listed in cache.insecureRegistries as well: passed once.
+    values = merged(AGENT_OPTIONS, {"cache": {"insecureRegistries": ["registry.local:5000"]}})
+    args = container(one(helm.template(values), "StatefulSet"), "cache")["args"]
+    assert [a for a in args if a.startswith("--insecure")] == [
+        "--insecure-registry=registry.local:5000"
+    ]
+    # Each option alone grants only its own rule.
+    only_taint = {"agent": {"startupTaint": True}}
+    assert agent_rules(helm.template(only_taint)) == [*AGENT_BASE_RULES, NODES_PATCH_RULE]
+    only_secrets = {"agent": {"readPullSecrets": True}}
+    assert agent_rules(helm.template(only_secrets)) == [*AGENT_BASE_RULES, SECRETS_GET_RULE]
+    # Without the agent, its mirrors mean nothing.
+    values = merged(AGENT_OPTIONS, {"agent": {"enabled": False}})
+    args = container(one(helm.template(values), "StatefulSet"), "cache")["args"]
+    assert not [a for a in args if a.startswith("--insecure")]
+
+
+def test_agent_values_become_args(helm: Helm) -> None:
+    values = {
+        "agent": {
+            "criSocket": "unix:///run/k3s/containerd/containerd.sock",
+            "containerdConfigPath": "/var/lib/rancher/k3s/agent/etc/containerd/certs.d",
+            "containerdRoot": "",
+            "diskThreshold": 92.5,
+            "syncInterval": 60,
+            "healthPort": 9102,
+            "extraArgs": ["--kubeconfig=/etc/agent/kubeconfig"],
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "affinity": {"nodeAffinity": {"x": 1}},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "podAnnotations": {"a": "b"},
+            "priorityClassName": "",
+            "startupTaint": True,
+        },
+        "proxy": {"port": 5005, "tolerations": []},
+        "log": {"level": "debug", "format": "plain"},
+    }
+    docs = helm.template(values)
+    agent = one(docs, "DaemonSet", "stowage-agent")
+    spec = pod_spec(agent)
+    c = container(agent, "agent")
+    assert c["args"] == [
+        "agent",
+        "--cri-socket=unix:///run/k3s/containerd/containerd.sock",
+        "--containerd-config-path=/var/lib/rancher/k3s/agent/etc/containerd/certs.d",
+        "--state-dir=/var/lib/stowage-agent",
+        "--proxy-url=http://127.0.0.1:5005",
+        "--proxy-address=localhost:5005",
+        "--health-listen=127.0.0.1:9102",
+        "--disk-threshold=92.5",
+        "--sync-interval=60",
+        "--remove-taint",
+        "--log-level=debug",
+        "--log-format=plain",
+        "--kubeconfig=/etc/agent/kubeconfig",
+    ]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == 9102
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts == {
+        "cri-socket": "/run/k3s/containerd",
+        "containerd-config": "/var/lib/rancher/k3s/agent/etc/containerd/certs.d",
+        "state": "/var/lib/stowage-agent",
+        "tmp": "/tmp",
+    }
+    volumes = {v["name"]: v.get("hostPath", {}).get("path") for v in spec["volumes"]}
+    assert volumes["cri-socket"] == "/run/k3s/containerd"
+    assert "containerd-root" not in volumes
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert spec["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert agent["spec"]["template"]["metadata"]["annotations"] == {"a": "b"}
+    assert "priorityClassName" not in spec
+    # Narrower tolerations: the start-up taint is added, for the agent and the node proxy,
+    # which must both run before the taint comes off.
+    assert spec["tolerations"] == [{"key": "gpu", "operator": "Exists"}, STARTUP_TOLERATION]
+    assert pod_spec(one(docs, "DaemonSet", "stowage-proxy"))["tolerations"] == [STARTUP_TOLERATION]
+    # Without agent.startupTaint, tolerations are as given.
+    values["agent"]["startupTaint"] = False
+    docs = helm.template(values)
+    assert pod_spec(one(docs, "DaemonSet", "stowage-agent"))["tolerations"] == [
+        {"key": "gpu", "operator": "Exists"}
+    ]
+    assert "tolerations" not in pod_spec(one(docs, "DaemonSet", "stowage-proxy"))
+
+
+def test_agent_accepts_the_rendered_args(helm: Helm, tmp_path: Path) -> None:
+    """Every flag the chart passes exists and its value is valid for `stowage agent`: the
+    rendered command runs with --uninstall (the documented uninstall step), which parses
+    and validates all options, then restores an empty directory and exits."""
+    values = merged(AGENT_OPTIONS, {"agent": {"diskThreshold": 92.5, "syncInterval": "5m"}})
+    args = container(one(helm.template(values), "DaemonSet", "stowage-agent"), "agent")["args"]
+    assert args[0] == "agent"
+    hosts = tmp_path / "certs.d"
+    hosts.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOWAGE_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stowage",
+            *args,
+            f"--containerd-config-path={hosts}",
+            "--uninstall",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "NODE_NAME": "node-1"},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "restored 0, removed 0" in proc.stdout
+    # The mirrored registries are ones the agent accepts (checked when it starts).
+    for arg in args:
+        if arg.startswith("--mirror="):
+            MirroredRegistry.parse(arg.removeprefix("--mirror="))
+
+
 # --- security -------------------------------------------------------------------------------
 
 
@@ -604,7 +892,7 @@ def test_rbac_least_privilege(helm: Helm, values: dict[str, Any] | None) -> None
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs", "resourceNames"):
                 assert "*" not in rule.get(field, []), (role["metadata"]["name"], rule)
-    (cluster_role,) = of_kind(docs, "ClusterRole")
+    cluster_role = one(docs, "ClusterRole", "stowage-operator")
     assert not [r for r in cluster_role["rules"] if "secrets" in r["resources"]]
     granted = {
         (group, resource, verb)
@@ -636,9 +924,15 @@ def test_rbac_least_privilege(helm: Helm, values: dict[str, Any] | None) -> None
         if named and set(rule["verbs"]) - {"get", "list", "watch"}:
             assert rule["resourceNames"] == [RELEASE]
     bindings = of_kind(docs, "ClusterRoleBinding") + of_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["name"] for b in bindings) == sorted(
+        ["stowage-operator", "stowage-agent"] + (["stowage-operator"] if values is None else [])
+    )
     for binding in bindings:
+        # Each role is bound to its own component's ServiceAccount only.
+        name = binding["metadata"]["name"]
+        assert binding["roleRef"]["name"] == name
         assert binding["subjects"] == [
-            {"kind": "ServiceAccount", "name": "stowage-operator", "namespace": NAMESPACE}
+            {"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}
         ]
     if values is None:
         role = one(docs, "Role", "stowage-operator")
@@ -664,29 +958,63 @@ def test_rbac_least_privilege(helm: Helm, values: dict[str, Any] | None) -> None
                 "verbs": ["get", "patch"],
             }
         ]
-    # Only the operator talks to the API server.
+    # Only the operator and the agent talk to the API server.
     registry = one(docs, "ServiceAccount", "stowage-registry")
     assert registry["automountServiceAccountToken"] is False
     for workload in workloads(docs):
         spec = pod_spec(workload)
         if workload["kind"] == "Deployment":
             assert spec["serviceAccountName"] == "stowage-operator"
+        elif workload["metadata"]["name"] == "stowage-agent":
+            assert spec["serviceAccountName"] == "stowage-agent"
+            assert "automountServiceAccountToken" not in spec
         else:
             assert spec["serviceAccountName"] == "stowage-registry"
             assert spec["automountServiceAccountToken"] is False
 
 
+@pytest.mark.parametrize("values", [None, AGENT_OPTIONS], ids=["defaults", "agent-options"])
+def test_agent_rbac_least_privilege(helm: Helm, values: dict[str, Any] | None) -> None:
+    rules = agent_rules(helm.template(values))
+    granted = {
+        (group, resource, verb)
+        for r in rules
+        for group in r["apiGroups"]
+        for resource in r["resources"]
+        for verb in r["verbs"]
+    }
+    for r in rules:
+        assert "resourceNames" not in r
+    # Read-only everywhere, except the status subresource of ImageCaches and, with
+    # agent.startupTaint, nodes.
+    writes = {(g, r, v) for g, r, v in granted if v not in ("get", "list", "watch")}
+    assert writes == {("stowage.dev", "imagecaches/status", "patch")} | (
+        {("", "nodes", "patch")} if values else set()
+    )
+    # Secrets: get one by name only (never list or watch), and only with readPullSecrets.
+    assert {(g, r, v) for g, r, v in granted if r == "secrets"} == (
+        {("", "secrets", "get")} if values else set()
+    )
+    assert {r for _, r, _ in granted} <= {"imagecaches", "imagecaches/status", "nodes", "secrets"}
+
+
 @pytest.mark.parametrize("values", [None, OPTIONS], ids=["defaults", "with-options"])
 def test_every_container_runs_as_non_root(helm: Helm, values: dict[str, Any] | None) -> None:
     docs = helm.template(values)
-    assert len(workloads(docs)) == 3
+    assert len(workloads(docs)) == 4
     for workload in workloads(docs):
         spec = pod_spec(workload)
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-        assert "hostNetwork" not in spec and "hostPID" not in spec
+        assert "hostPID" not in spec and "hostIPC" not in spec
+        # The node agent is the one exception, by necessity: it talks to the container
+        # runtime's root-owned CRI socket and writes root-owned files under containerd's
+        # config_path, and reaches the node proxy on the node's loopback (host network).
+        # It is root without any capability; test_agent_daemonset checks its context.
+        agent = workload["metadata"]["name"] == "stowage-agent"
+        assert ("hostNetwork" in spec) == agent
         for c in containers(workload):
             where = f"{workload['kind']}/{c['name']}"
-            assert runs_as_non_root(workload, c), where
+            assert runs_as_non_root(workload, c) != agent, where
             ctx = c["securityContext"]
             assert ctx["readOnlyRootFilesystem"] is True, where
             assert ctx["allowPrivilegeEscalation"] is False, where
@@ -696,15 +1024,15 @@ def test_every_container_runs_as_non_root(helm: Helm, values: dict[str, Any] | N
             assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"], where
 
 
-def test_only_the_host_path_chown_runs_as_root(helm: Helm) -> None:
+def test_only_the_agent_and_the_host_path_chown_run_as_root(helm: Helm) -> None:
     docs = helm.template(HOST_PATH)
     root = [
-        (w["kind"], c["name"])
+        (w["metadata"]["name"], c["name"])
         for w in workloads(docs)
         for c in containers(w)
         if not runs_as_non_root(w, c)
     ]
-    assert root == [("DaemonSet", "chown-data")]
+    assert sorted(root) == [("stowage-agent", "agent"), ("stowage-proxy", "chown-data")]
 
 
 @pytest.mark.parametrize(
@@ -713,8 +1041,25 @@ def test_only_the_host_path_chown_runs_as_root(helm: Helm) -> None:
         ({"webhook": {"timeoutSeconds": 30}}, "timeoutSeconds must be between 1 and 10"),
         ({"webhook": {"timeoutSeconds": 0}}, "timeoutSeconds must be between 1 and 10"),
         ({"proxy": {"data": {"type": "pvc"}}}, "proxy.data.type must be emptyDir or hostPath"),
+        ({"agent": {"diskThreshold": 0}}, "agent.diskThreshold must be more than 0 and at most"),
+        ({"agent": {"diskThreshold": 101}}, "agent.diskThreshold must be more than 0 and at most"),
+        ({"agent": {"criSocket": "containerd.sock"}}, "agent.criSocket must be an absolute path"),
+        (
+            {"agent": {"containerdConfigPath": "certs.d"}},
+            "agent.containerdConfigPath must be an absolute path",
+        ),
+        ({"agent": {"containerdRoot": "containerd"}}, "agent.containerdRoot must be an absolute"),
     ],
-    ids=["timeout-too-long", "timeout-zero", "proxy-data-type"],
+    ids=[
+        "timeout-too-long",
+        "timeout-zero",
+        "proxy-data-type",
+        "agent-disk-threshold-zero",
+        "agent-disk-threshold-over-100",
+        "agent-cri-socket",
+        "agent-config-path",
+        "agent-containerd-root",
+    ],
 )
 def test_invalid_values_are_refused(helm: Helm, values: dict[str, Any], message: str) -> None:
     proc = helm.run("template", RELEASE, str(CHART), values=values, check=False)
@@ -885,25 +1230,107 @@ def test_apiserver_accepts_render_with_options(kube: KubeAPI, namespace: str, he
     docs = helm.template(merged(OPTIONS, HOST_PATH), namespace=namespace)
     kinds = {d["kind"] for d in docs}
     assert {"ServiceMonitor", "Issuer", "Certificate"} <= kinds
+    # The agent with mirror mode, the start-up taint and pull secrets.
+    assert "--remove-taint" in container(one(docs, "DaemonSet", "stowage-agent"), "agent")["args"]
+    assert SECRETS_GET_RULE in agent_rules(docs)
     _accepted(kube, docs)
+    # And a render with the agent's other knobs (no containerd root, narrower tolerations).
+    values = {
+        "agent": {
+            "containerdRoot": "",
+            "criSocket": "unix:///run/k3s/containerd/containerd.sock",
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "startupTaint": True,
+            "extraArgs": ["--sync-interval=10s"],
+        }
+    }
+    _accepted(kube, helm.template(values, namespace=namespace))
+
+
+def _pod_security_violations(kube: KubeAPI, workload: Doc) -> list[str]:
+    """The names of the Pod Security checks ``workload`` fails at the namespace's warn
+    level, e.g. ["hostPort"]."""
+    warnings = [
+        line for line in _dry_run(kube, [workload]).stderr.splitlines() if "PodSecurity" in line
+    ]
+    if not warnings:
+        return []
+    (warning,) = warnings
+    # '...: check (details), check (details (nested)), ...': drop the details, innermost first.
+    listed = warning.split('": ', 1)[1]
+    while (shorter := re.sub(r"\([^()]*\)", "", listed)) != listed:
+        listed = shorter
+    return [name.strip() for name in listed.split(",")]
 
 
 @pytest.mark.usefixtures("chart_crds")
 def test_pod_security_levels(kube: KubeAPI, namespace: str, helm: Helm) -> None:
     """The operator and the cluster cache meet Pod Security "restricted"; the node proxy
-    only breaks it with its hostPort."""
-    kube.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/warn=restricted")
+    only breaks it with its hostPort. The node agent needs the "privileged" level: it breaks
+    "baseline" with the host network, hostPath volumes and its probes' host (127.0.0.1, on
+    the host network), and "restricted" with running as root as well — and nothing else (no
+    privileged container, no capability, no privilege escalation)."""
     docs = helm.template(namespace=namespace)
-    for workload in workloads(docs):
-        warnings = [
-            line for line in _dry_run(kube, [workload]).stderr.splitlines() if "PodSecurity" in line
+    expected = {
+        "baseline": {
+            "stowage-proxy": ["hostPort"],
+            "stowage-agent": ["host namespaces", "hostPath volumes", "probe or lifecycle host"],
+        },
+        "restricted": {
+            "stowage-proxy": ["hostPort"],
+            "stowage-agent": [
+                "host namespaces",
+                "probe or lifecycle host",
+                "restricted volume types",
+                "runAsNonRoot != true",
+                "runAsUser=0",
+            ],
+        },
+    }
+    for level, violations in expected.items():
+        kube.kubectl(
+            "label",
+            "--overwrite",
+            "namespace",
+            namespace,
+            f"pod-security.kubernetes.io/warn={level}",
+        )
+        for workload in workloads(docs):
+            name = workload["metadata"]["name"]
+            found = _pod_security_violations(kube, workload)
+            assert sorted(found) == sorted(violations.get(name, [])), (level, name)
+
+
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+
+
+@contextlib.contextmanager
+def _rbac_applied(kube: KubeAPI, docs: list[Doc]) -> Iterator[None]:
+    """The ServiceAccounts, roles and bindings of ``docs`` created for real; the
+    cluster-scoped ones are deleted afterwards (the namespaced ones go with the namespace)."""
+    rbac = [d for d in docs if d["kind"] in RBAC_KINDS]
+    kube.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(rbac))
+    try:
+        yield
+    finally:
+        cluster_scoped = [
+            f"{d['kind'].lower()}/{d['metadata']['name']}"
+            for d in rbac
+            if d["kind"] in ("ClusterRole", "ClusterRoleBinding")
         ]
-        if workload["kind"] == "DaemonSet":
-            (warning,) = warnings
-            # hostPort is the one violation (several would be listed on this line).
-            assert warning.endswith('": hostPort (container "proxy" uses hostPort 7439)')
-        else:
-            assert warnings == [], workload["kind"]
+        kube.kubectl("delete", "--ignore-not-found", *cluster_scoped)
+
+
+def _can_i_mismatches(
+    kube: KubeAPI, user: str, cases: list[tuple[list[str], bool]]
+) -> list[tuple[list[str], str, str]]:
+    """The ``kubectl auth can-i`` cases whose answer for ``user`` is not the expected one."""
+    wrong = []
+    for args, expected in cases:
+        proc = kube.kubectl("auth", "can-i", *args, f"--as={user}", check=False)
+        if (proc.stdout.strip() == "yes") != expected:
+            wrong.append((args, proc.stdout.strip(), proc.stderr.strip()))
+    return wrong
 
 
 @pytest.mark.usefixtures("chart_crds")
@@ -912,14 +1339,7 @@ def test_operator_rbac_on_the_apiserver(kube: KubeAPI, namespace: str, helm: Hel
     release = f"r{namespace}"  # its own cluster-scoped names
     fullname = f"{release}-stowage"
     docs = helm.template(namespace=namespace, release=release)
-    rbac = [
-        d
-        for d in docs
-        if d["kind"]
-        in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
-    ]
-    kube.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(rbac))
-    try:
+    with _rbac_applied(kube, docs):
         cases = [
             (["list", "pods", "-A"], True),
             (["watch", "pods", "-A"], True),
@@ -950,23 +1370,82 @@ def test_operator_rbac_on_the_apiserver(kube: KubeAPI, namespace: str, helm: Hel
         ]
         operator = f"system:serviceaccount:{namespace}:{fullname}-operator"
         registry = f"system:serviceaccount:{namespace}:{fullname}-registry"
-        wrong = []
-        for args, expected in cases:
-            proc = kube.kubectl("auth", "can-i", *args, f"--as={operator}", check=False)
-            if (proc.stdout.strip() == "yes") != expected:
-                wrong.append((args, proc.stdout.strip(), proc.stderr.strip()))
-            if expected:  # the proxies and the cache have nothing at all
-                proc = kube.kubectl("auth", "can-i", *args, f"--as={registry}", check=False)
-                if proc.stdout.strip() != "no":
-                    wrong.append((["registry", *args], proc.stdout.strip(), ""))
+        wrong = _can_i_mismatches(kube, operator, cases)
+        # The proxies and the cache have nothing at all.
+        wrong += _can_i_mismatches(kube, registry, [(a, False) for a, yes in cases if yes])
         assert wrong == []
-    finally:
-        kube.kubectl(
-            "delete",
-            "--ignore-not-found",
-            f"clusterrole/{fullname}-operator",
-            f"clusterrolebinding/{fullname}-operator",
-        )
+
+
+@pytest.mark.usefixtures("chart_crds")
+@pytest.mark.parametrize("values", [None, AGENT_OPTIONS], ids=["defaults", "agent-options"])
+def test_agent_rbac_on_the_apiserver(
+    kube: KubeAPI, namespace: str, helm: Helm, values: dict[str, Any] | None
+) -> None:
+    """The agent's RBAC, created for real: ImageCaches and its node, no more; nodes patch
+    only with agent.startupTaint, Secrets get only with agent.readPullSecrets."""
+    release = f"r{namespace}"  # its own cluster-scoped names
+    fullname = f"{release}-stowage"
+    taint = secrets = values is not None
+    docs = helm.template(values, namespace=namespace, release=release)
+    with _rbac_applied(kube, docs):
+        cases = [
+            (["get", "imagecaches.stowage.dev", "-n", "default"], True),
+            (["list", "imagecaches.stowage.dev", "-A"], True),
+            (["watch", "imagecaches.stowage.dev", "-A"], True),
+            (["patch", "imagecaches.stowage.dev", "--subresource=status", "-n", "default"], True),
+            (["update", "imagecaches.stowage.dev", "--subresource=status"], False),
+            (["patch", "imagecaches.stowage.dev", "-n", "default"], False),
+            (["create", "imagecaches.stowage.dev", "-n", "default"], False),
+            (["delete", "imagecaches.stowage.dev", "-n", "default"], False),
+            (["get", "nodes/node-1"], True),
+            (["list", "nodes"], True),
+            (["watch", "nodes"], True),
+            (["patch", "nodes/node-1"], taint),
+            (["update", "nodes/node-1"], False),
+            (["delete", "nodes/node-1"], False),
+            (["patch", "nodes/node-1", "--subresource=status"], False),
+            (["get", "secrets/regcred", "-n", "default"], secrets),
+            (["get", "secrets/regcred", "-n", namespace], secrets),
+            (["list", "secrets", "-A"], False),
+            (["watch", "secrets", "-A"], False),
+            (["create", "secrets", "-n", namespace], False),
+            (["create", "pods", "-n", "default"], False),
+            (["create", "pods", "-n", namespace], False),
+            (["get", "pods", "-n", "default"], False),
+            (["create", "pods/exec", "-n", namespace], False),
+            (["get", "cachedimages.stowage.dev"], False),
+            (["list", "cachedimages.stowage.dev"], False),
+            (["patch", "cachedimages.stowage.dev"], False),
+            (["patch", "cachedimages.stowage.dev", "--subresource=status"], False),
+            (["create", "events", "-n", namespace], False),
+            (["get", "configmaps", "-n", namespace], False),
+        ]
+        agent = f"system:serviceaccount:{namespace}:{fullname}-agent"
+        assert _can_i_mismatches(kube, agent, cases) == []
+        # The write the agent makes, with a token of its ServiceAccount: a merge patch of its
+        # node's entry in an ImageCache's status (a bare PATCH of the status subresource).
+        cache = {
+            "apiVersion": "stowage.dev/v1alpha1",
+            "kind": "ImageCache",
+            "metadata": {"name": "base", "namespace": namespace},
+            "spec": {"images": ["docker.io/library/nginx:1.27"]},
+        }
+        kube.kubectl("create", "-f", "-", input=json.dumps(cache))
+        token = kube.kubectl("create", "token", f"{fullname}-agent", "-n", namespace).stdout
+        path = f"/apis/stowage.dev/v1alpha1/namespaces/{namespace}/imagecaches/base"
+        entry = {"image": "docker.io/library/nginx:1.27", "state": "Pulled"}
+        status = {"images": 1, "nodes": {"node-1": {"images": [entry]}}}
+        merge = {"content_type": "application/merge-patch+json", "token": token.strip()}
+        code, _ = kube.request("PATCH", f"{path}/status", {"status": status}, **merge)
+        assert code == 200
+        assert kube.ok("GET", path)["status"]["nodes"]["node-1"]["images"] == [entry]
+        # Its spec stays out of reach.
+        code, _ = kube.request("PATCH", path, {"spec": {"images": []}}, **merge)
+        assert code == 403
+        # The operator gets none of the agent's permissions on nodes.
+        operator = f"system:serviceaccount:{namespace}:{fullname}-operator"
+        node_cases = [(["get", "nodes/node-1"], False), (["patch", "nodes/node-1"], False)]
+        assert _can_i_mismatches(kube, operator, node_cases) == []
 
 
 def test_cachedimage_crd(kube: KubeAPI, chart_crds: list[str]) -> None:

@@ -171,6 +171,14 @@ async def run_agent(settings: AgentSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if not settings.mirror and mirror.managed_files(settings.containerd_config_path):
+        # Mirror mode was turned off: give containerd its own configuration back.
+        changes = uninstall_mirror(settings)
+        log.info(
+            "containerd mirror config removed (no --mirror)",
+            restored=[str(p) for p in changes.restored],
+            removed=[str(p) for p in changes.removed],
+        )
     if settings.mirror:
         # Checked now, so that a bad --mirror is a start-up error, not a log line.
         try:

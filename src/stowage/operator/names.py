@@ -21,9 +21,15 @@ def cached_image_name(reference: str) -> str:
     ``a-b:c``, long names cut short, digests) from colliding.
     """
     digest = hashlib.sha256(reference.encode()).hexdigest()[:_HASH_LEN]
-    readable = reference.lower().split("@", 1)[0]
-    readable = _RUNS.sub("-", _INVALID.sub("-", readable.replace(":", "-").replace("/", "-")))
-    readable = readable[:_READABLE_MAX].strip(".-")
-    if "@" in reference:
-        readable = f"{readable}-{reference.rsplit(':', 1)[-1][:12]}".strip(".-")
+    name, at, pinned = reference.partition("@")
+    readable = _clean(name)[:_READABLE_MAX]
+    if at:  # a digest: its first hex digits tell pinned references apart at a glance
+        readable = f"{readable}-{_clean(pinned.rpartition(':')[2])[:12]}"
+    readable = readable.strip(".-")
     return f"{readable}-{digest}" if readable else digest
+
+
+def _clean(text: str) -> str:
+    """Lowercase, with runs of what object names cannot hold (or '.'/'-' runs) as one '-'."""
+    text = _INVALID.sub("-", text.lower().replace(":", "-").replace("/", "-"))
+    return _RUNS.sub("-", text).strip(".-")

@@ -75,6 +75,10 @@ Object names.
 {{- end }}
 {{- end }}
 
+{{- define "stowage.agent.serviceAccountName" -}}
+{{- printf "%s-agent" (include "stowage.fullname" .) }}
+{{- end }}
+
 {{- define "stowage.registry.serviceAccountName" -}}
 {{- printf "%s-registry" (include "stowage.fullname" .) }}
 {{- end }}
@@ -109,6 +113,26 @@ URL of the cluster cache Service, as the node proxies and the operator reach it.
 {{- end }}
 
 {{/*
+Registries the cluster cache and the node proxies reach over plain HTTP (--insecure-registry):
+cache.insecureRegistries, and the http:// registries the agent mirrors (containerd sends
+their pulls to the node proxy, which must reach them the same way). A YAML list.
+*/}}
+{{- define "stowage.insecureRegistries" -}}
+{{- $registries := list }}
+{{- range .Values.cache.insecureRegistries }}
+{{- $registries = append $registries (toString .) }}
+{{- end }}
+{{- if .Values.agent.enabled }}
+{{- range .Values.agent.mirror.registries }}
+{{- if hasPrefix "http://" (toString .) }}
+{{- $registries = append $registries (toString . | trimPrefix "http://" | trimSuffix "/") }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toYaml ($registries | uniq) }}
+{{- end }}
+
+{{/*
 Namespaces whose pods the webhook never sees: the ignored ones and the release's own.
 */}}
 {{- define "stowage.webhook.ignoredNamespaces" -}}
@@ -133,4 +157,27 @@ Security contexts shared by every pod and container.
 {{- define "stowage.logArgs" -}}
 - {{ printf "--log-level=%s" .Values.log.level | quote }}
 - {{ printf "--log-format=%s" .Values.log.format | quote }}
+{{- end }}
+
+{{/*
+Tolerations of the node DaemonSets (agent, proxy): (dict "ctx" $ "tolerations" list).
+With agent.startupTaint, the start-up taint is tolerated too (unless a toleration of every
+taint is already there): both must run on a node before the taint comes off.
+*/}}
+{{- define "stowage.nodeTolerations" -}}
+{{- $tolerations := .tolerations | default list }}
+{{- if and .ctx.Values.agent.enabled .ctx.Values.agent.startupTaint }}
+{{- $all := false }}
+{{- range $tolerations }}
+{{- if and (eq (toString .operator) "Exists") (not .key) (not .effect) }}
+{{- $all = true }}
+{{- end }}
+{{- end }}
+{{- if not $all }}
+{{- $tolerations = append $tolerations (dict "key" "stowage.dev/not-ready" "operator" "Exists" "effect" "NoSchedule") }}
+{{- end }}
+{{- end }}
+{{- if $tolerations }}
+{{- toYaml $tolerations }}
+{{- end }}
 {{- end }}
