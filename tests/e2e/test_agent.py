@@ -92,7 +92,12 @@ def _runtime_images(containerd: Containerd) -> set[str]:
 
 
 def _image_cache(
-    kube: KubeAPI, namespace: str, name: str, images: list[str], selector: dict[str, str]
+    kube: KubeAPI,
+    namespace: str,
+    name: str,
+    images: list[str],
+    selector: dict[str, str],
+    refresh: str = "1h",
 ) -> None:
     kube.ok(
         "POST",
@@ -101,7 +106,7 @@ def _image_cache(
             "apiVersion": "stowage.dev/v1alpha1",
             "kind": "ImageCache",
             "metadata": {"name": name},
-            "spec": {"images": images, "nodeSelector": selector, "refreshInterval": "1h"},
+            "spec": {"images": images, "nodeSelector": selector, "refreshInterval": refresh},
         },
     )
 
@@ -176,6 +181,37 @@ def test_prepull_through_the_proxy_status_and_removal(
     )
     wait_until(lambda: len(_node_status(kube, namespace, "warm", node)) == 1, timeout=30)
     assert f"{prefix}/library/app:1" in _runtime_images(containerd)
+
+
+def test_tags_are_pulled_again_on_the_refresh_interval(
+    kube: KubeAPI,
+    namespace: str,
+    node: str,
+    registry: Registry,
+    images: SampleImages,
+    containerd: Containerd,
+    stowage_factory: StowageFactory,
+    agent_factory: AgentFactory,
+) -> None:
+    # The node proxy asks upstream on every tag request, so each pull reaches the registry.
+    stowage = stowage_factory(upstreams=[registry], tag_ttl=0)
+    agent_factory(node, stowage)
+    image = f"{registry.host}/library/app:1"
+    tag_path = "/library/app/manifests/1"
+    since = registry.checkpoint()
+    _image_cache(kube, namespace, "fresh", [image], {"stowage.dev/prepull": "yes"}, "3s")
+    wait_until(
+        lambda: [e["state"] for e in _node_status(kube, namespace, "fresh", node)] == ["Pulled"],
+        timeout=30,
+        interval=0.3,
+    )
+    first = registry.count("*", tag_path, since=since)
+    assert first >= 1
+    # Pulled again after 3 s, and again: the tag is asked for each time.
+    wait_until(lambda: registry.count("*", tag_path, since=since) >= first + 2, timeout=30)
+    # The blobs were not fetched again (the runtime and the cache have them).
+    for digest, _ in images.app.blobs:
+        assert registry.blob_gets(digest, since=since) <= 1
 
 
 def test_disk_above_threshold_skips_with_reason(

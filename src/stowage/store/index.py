@@ -161,6 +161,10 @@ class Index:
         return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
     def _sync(self) -> None:
+        """Drop the in-memory copy if another connection (the CLI, the collector) committed
+        since the last look. Our own commits leave data_version alone, so this is also
+        right after a write; reading the version then instead would hide a commit made
+        by someone else just before ours."""
         version = self._data_version()
         if version != self._version:
             self._version = version
@@ -193,7 +197,7 @@ class Index:
             "last_access=excluded.last_access",
             (registry, repository, tag, digest, now, now),
         )
-        self._version = self._data_version()
+        self._sync()
         self._tags[(registry, repository, tag)] = TagEntry(digest, now)
 
     def tags_of(self, registry: str, repository: str) -> list[str]:
@@ -244,7 +248,7 @@ class Index:
                 "INSERT OR IGNORE INTO repo_manifests VALUES (?,?,?)",
                 (registry, repository, digest),
             )
-        self._version = self._data_version()
+        self._sync()
         self._manifests[digest] = ManifestEntry(digest, media_type, size)
 
     # -- blobs ---------------------------------------------------------------
@@ -257,7 +261,7 @@ class Index:
             "SET last_access=excluded.last_access",
             (digest, size, now, now),
         )
-        self._version = self._data_version()
+        self._sync()
 
     def touch_blob(self, digest: str) -> None:
         self._access[("blobs", digest)] = time.time()
@@ -292,7 +296,7 @@ class Index:
                 "DO UPDATE SET value = value + excluded.value",
                 list(stats.items()),
             )
-        self._version = self._data_version()
+        self._sync()
 
     def stats(self) -> dict[str, int]:
         values = dict.fromkeys(STAT_NAMES, 0)
@@ -325,7 +329,7 @@ class Index:
             "decided=excluded.decided",
             (registry, repository, int(access.private), access.basis, access.decided),
         )
-        self._version = self._data_version()
+        self._sync()
 
     def has_repository(self, registry: str, repository: str) -> bool:
         """Whether the index holds any manifest of the repository."""
