@@ -48,7 +48,9 @@ def node(kube: KubeAPI) -> Iterator[str]:
         "POST",
         "/api/v1/nodes",
         {
-            "metadata": {"name": name, "labels": {"stowage.dev/prepull": "yes"}},
+            # A label of its own: ImageCaches of earlier tests (namespaces are not emptied
+            # here, there is no controller-manager) never select it.
+            "metadata": {"name": name, "labels": {"stowage.dev/prepull": name}},
             "spec": {"taints": [TAINT, {"key": "other", "effect": "NoSchedule"}]},
         },
     )
@@ -128,7 +130,7 @@ def test_prepull_through_the_proxy_status_and_removal(
     agent_factory: AgentFactory,
 ) -> None:
     stowage = stowage_factory(upstreams=[registry])
-    agent_factory(node, stowage, "--remove-taint")
+    agent = agent_factory(node, stowage, "--remove-taint")
 
     # The proxy answers /readyz: the start-up taint goes, other taints stay.
     def taints() -> set[str]:
@@ -144,7 +146,7 @@ def test_prepull_through_the_proxy_status_and_removal(
     app, v2 = images.app, images.dockerv2
     refs = [f"{registry.host}/library/app:1", f"{registry.host}/library/dockerv2:1"]
     since = registry.checkpoint()
-    _image_cache(kube, namespace, "warm", refs, {"stowage.dev/prepull": "yes"})
+    _image_cache(kube, namespace, "warm", refs, {"stowage.dev/prepull": node})
     _image_cache(kube, namespace, "elsewhere", refs[:1], {"stowage.dev/prepull": "no"})
 
     def pulled() -> list[dict[str, Any]] | None:
@@ -181,6 +183,9 @@ def test_prepull_through_the_proxy_status_and_removal(
     )
     wait_until(lambda: len(_node_status(kube, namespace, "warm", node)) == 1, timeout=30)
     assert f"{prefix}/library/app:1" in _runtime_images(containerd)
+    metrics = agent.metrics()
+    assert 'stowage_agent_pulls_total{result="pulled"} 2.0' in metrics
+    assert "stowage_agent_removals_total 1.0" in metrics
 
 
 def test_tags_are_pulled_again_on_the_refresh_interval(
@@ -199,7 +204,7 @@ def test_tags_are_pulled_again_on_the_refresh_interval(
     image = f"{registry.host}/library/app:1"
     tag_path = "/library/app/manifests/1"
     since = registry.checkpoint()
-    _image_cache(kube, namespace, "fresh", [image], {"stowage.dev/prepull": "yes"}, "3s")
+    _image_cache(kube, namespace, "fresh", [image], {"stowage.dev/prepull": node}, "3s")
     wait_until(
         lambda: [e["state"] for e in _node_status(kube, namespace, "fresh", node)] == ["Pulled"],
         timeout=30,
@@ -227,7 +232,7 @@ def test_disk_above_threshold_skips_with_reason(
     stowage = stowage_factory(upstreams=[registry])
     agent_factory(node, stowage, "--disk-threshold=0.001")
     _image_cache(
-        kube, namespace, "full", [f"{registry.host}/library/app:1"], {"stowage.dev/prepull": "yes"}
+        kube, namespace, "full", [f"{registry.host}/library/app:1"], {"stowage.dev/prepull": node}
     )
     [entry] = wait_until(
         lambda: _node_status(kube, namespace, "full", node) or None, timeout=30, interval=0.3

@@ -266,6 +266,10 @@ def test_cached_image_lifecycle(env: Env, namespace: str) -> None:
     ci = env.wait_cached_image(image, lambda ci: bool(ci["spec"].get("expiresAt")), timeout=20)
     assert ci["status"]["usedBy"]["count"] == 0
     wait_until(lambda: image not in env.cached_images(), timeout=EXPIRY + 20, interval=0.2)
+    metrics = env.operator.metrics()
+    assert "stowage_operator_expired_total" in metrics
+    assert 'stowage_operator_admissions_total{result="rewritten"}' in metrics
+    assert 'stowage_operator_prefetches_total{result="ok"}' in metrics
     # Released in the cluster cache: no name, no pin; its garbage collection reclaims it.
     wait_until(lambda: _cache_listing(env, "library/life") == [], timeout=10)
 

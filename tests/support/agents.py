@@ -4,6 +4,7 @@ private containerd's CRI socket."""
 from __future__ import annotations
 
 import sys
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
@@ -58,6 +59,10 @@ class Agent(Service):
         if not self.process.running():
             raise HarnessError("stowage agent exited:\n" + self.log_tail())
         return http_ok(f"http://127.0.0.1:{self.health_port}/healthz")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/metrics") as resp:
+            return str(resp.read().decode())
 
     def stop(self) -> None:
         self.process.stop()

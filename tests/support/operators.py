@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -110,6 +111,7 @@ class Operator(Service):
         workdir.mkdir(parents=True, exist_ok=True)
         self.webhook_port = webhook_port or free_port()
         self.health_port = free_port()
+        self.metrics_port = free_port()
         self.log_file = workdir / "operator.log"
         argv = [
             sys.executable,
@@ -124,6 +126,7 @@ class Operator(Service):
             f"--webhook-config={webhook_config}",
             f"--cert-secret={cert_secret}",
             f"--health-listen=127.0.0.1:{self.health_port}",
+            f"--metrics-listen=127.0.0.1:{self.metrics_port}",
             f"--peering={peering}",
             "--log-format=json",
             *extra_args,
@@ -145,6 +148,10 @@ class Operator(Service):
         if not port_open("127.0.0.1", self.webhook_port):
             return False
         return http_ok(f"http://127.0.0.1:{self.health_port}/healthz")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as resp:
+            return str(resp.read().decode())
 
     def stop(self) -> None:
         self.process.stop()

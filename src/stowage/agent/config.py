@@ -72,7 +72,9 @@ class AgentSettings(ClusterSettings):
         description="Where the agent remembers the images it pulled (only those it removes).",
     )
     health_listen: str = Field(
-        "0.0.0.0:8081", description="Address of the liveness endpoint (GET /healthz)."
+        "0.0.0.0:8081",
+        description="Address of the liveness (GET /healthz) and Prometheus metrics "
+        "(GET /metrics) endpoints.",
     )
 
     @field_validator("sync_interval", mode="before")

@@ -12,11 +12,19 @@ import structlog
 from aiohttp import web
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import watch as k8s_watch
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stowage.agent import mirror
 from stowage.agent.config import TAINT_KEY, AgentSettings
 from stowage.agent.cri import CRIClient, CRIError
-from stowage.agent.prepull import GROUP, PLURAL, VERSION, PrePuller, wait_either
+from stowage.agent.prepull import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    AgentMetrics,
+    PrePuller,
+    wait_either,
+)
 from stowage.kubeclient import MERGE_PATCH, KubeConfigError, api_client
 from stowage.settings import split_listen
 
@@ -152,13 +160,20 @@ async def watch_changes(api: k8s.ApiClient, settings: AgentSettings, wake: async
     )
 
 
-async def _health(settings: AgentSettings) -> web.AppRunner:
+async def _health(settings: AgentSettings, metrics: AgentMetrics) -> web.AppRunner:
+    """GET /healthz and the Prometheus /metrics on --health-listen."""
     app = web.Application()
 
     async def ok(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def scrape(_: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
     app.router.add_get("/healthz", ok)
+    app.router.add_get("/metrics", scrape)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, port = split_listen(settings.health_listen)
@@ -191,7 +206,8 @@ async def run_agent(settings: AgentSettings) -> None:
         api = await api_client(settings.kubeconfig)
     except KubeConfigError as exc:
         raise AgentError(str(exc)) from None
-    health = await _health(settings)
+    metrics = AgentMetrics()
+    health = await _health(settings, metrics)
     wake = asyncio.Event()
     tasks: list[asyncio.Task[Any]] = []
     try:
@@ -220,6 +236,7 @@ async def run_agent(settings: AgentSettings) -> None:
                 mirrored={mirror.MirroredRegistry.parse(m).host for m in settings.mirror},
                 disk_threshold=settings.disk_threshold,
                 state_dir=settings.state_dir,
+                metrics=metrics,
             )
             while not stop.is_set():
                 wake.clear()

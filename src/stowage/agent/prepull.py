@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 from kubernetes_asyncio import client as k8s
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from stowage.agent.cri import CRIClient, CRIError, ImageInUseError
 from stowage.kubeclient import MERGE_PATCH
@@ -146,6 +147,28 @@ class State:
         os.replace(tmp, self.path)
 
 
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.pulls = Counter(
+            "stowage_agent_pulls",
+            "Pre-pulls through the CRI, by result (pulled, failed, skipped).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.removals = Counter(
+            "stowage_agent_removals",
+            "Pre-pulled images removed because no ImageCache wants them any more.",
+            registry=self.registry,
+        )
+        self.images = Gauge(
+            "stowage_agent_images",
+            "Images the ImageCaches selecting this node list, by state.",
+            ["state"],
+            registry=self.registry,
+        )
+
+
 class PrePuller:
     def __init__(
         self,
@@ -157,6 +180,7 @@ class PrePuller:
         mirrored: set[str],
         disk_threshold: float,
         state_dir: Path,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.api = api
         self.cri = cri
@@ -169,6 +193,7 @@ class PrePuller:
         self.retry_at: dict[str, float] = {}
         self.failures: dict[str, int] = {}
         self.written: dict[tuple[str, str], list[dict[str, str]]] = {}  # what status holds
+        self.metrics = metrics or AgentMetrics()
 
     @property
     def objects(self) -> k8s.CustomObjectsApi:
@@ -193,6 +218,10 @@ class PrePuller:
             wait = await self._ensure(name, want, usage, now)
             due.append(wait)
         await self._remove_unwanted(set(wants))
+        for state in ("Pulled", "Pulling", "Failed", "Skipped"):
+            self.metrics.images.labels(state).set(
+                sum(1 for n in wants if (o := self.outcomes.get(n)) and o.state == state)
+            )
         await self._report(caches, per_cache, listed.get("items", []))
         return max(1.0, min(due))
 
@@ -274,6 +303,7 @@ class PrePuller:
                 f"the {self.disk_threshold:g}% threshold"
             )
             self._set(name, Outcome(want.image, "Skipped", reason=reason, at=now))
+            self.metrics.pulls.labels("skipped").inc()
             return 60.0
         return await self._pull(name, want)
 
@@ -306,12 +336,14 @@ class PrePuller:
             delay = min(RETRY_MAX, RETRY_MIN * 2.0 ** (n - 1)) * random.uniform(0.8, 1.2)
             self.retry_at[name] = time.time() + delay
             log.warning("pre-pull failed", image=want.image, error=str(exc), retry_in=round(delay))
+            self.metrics.pulls.labels("failed").inc()
             self._set(
                 name, Outcome(want.image, "Failed", reason=exc.details or str(exc), at=time.time())
             )
             return delay
         self.failures.pop(name, None)
         self.retry_at.pop(name, None)
+        self.metrics.pulls.labels("pulled").inc()
         self.state.pulled[name] = Pulled(want.image, digest, started)
         self.state.save()
         log.info(
@@ -348,6 +380,7 @@ class PrePuller:
                 log.warning("image not removed", pull=name, error=str(exc))
                 continue
             log.info("removed", pull=name, present=removed)
+            self.metrics.removals.inc()
             del self.state.pulled[name]
             self.outcomes.pop(name, None)
             self.state.save()

@@ -91,6 +91,9 @@ class OperatorSettings(ClusterSettings):
     health_listen: str = Field(
         "0.0.0.0:8080", description="Address of the liveness endpoint (GET /healthz)."
     )
+    metrics_listen: str = Field(
+        "0.0.0.0:9090", description="Address of the Prometheus metrics endpoint (GET /metrics)."
+    )
     peering: str = Field(
         "stowage", description="ClusterKopfPeering object the replicas elect a leader with."
     )
@@ -103,7 +106,7 @@ class OperatorSettings(ClusterSettings):
     def _duration(cls, value: Any) -> float:
         return positive_duration(value)
 
-    @field_validator("webhook_listen", "health_listen")
+    @field_validator("webhook_listen", "health_listen", "metrics_listen")
     @classmethod
     def _listen(cls, value: str) -> str:
         split_listen(value)

@@ -25,6 +25,7 @@ from stowage.kubeclient import MERGE_PATCH
 from stowage.oci.manifest import UPSTREAM_ACCEPT, Platform
 from stowage.oci.reference import InvalidReference, Reference, encode_registry, parse_reference
 from stowage.operator.config import OperatorSettings
+from stowage.operator.metrics import OperatorMetrics
 from stowage.operator.names import cached_image_name
 from stowage.operator.rewrite import (
     CONTAINER_FIELDS,
@@ -95,6 +96,7 @@ class Runtime:
     http: aiohttp.ClientSession
     pacer: Pacer
     cache_token: str | None = None
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def wake(self, image: str) -> None:
@@ -238,6 +240,7 @@ class Lifecycle:
             )
         if expires is not None and not retain:
             if expires <= now:
+                self.rt.metrics.expired.inc()
                 await self.delete()
                 return None
             due.append((expires - now).total_seconds())
@@ -267,6 +270,7 @@ class Lifecycle:
             self.retry_at = loop.time() + delay * random.uniform(0.8, 1.2)
             message = str(exc) or type(exc).__name__
             log.warning("prefetch failed", image=source, error=message, retry_in=round(delay))
+            self.rt.metrics.prefetches.labels("failed").inc()
             await self.set_status(
                 phase="Failed",
                 lastError=message,
@@ -275,6 +279,7 @@ class Lifecycle:
             )
             return
         self.retries = 0
+        self.rt.metrics.prefetches.labels("ok").inc()
         await cache_admin(self.rt, "PUT", "pins", ref)
         now = utcnow()
         self.check_at = loop.time() + self.rt.settings.freshness_interval
@@ -302,11 +307,13 @@ class Lifecycle:
             upstream = await head_digest(self.rt, ref)
         except (aiohttp.ClientError, TimeoutError, PullError) as exc:
             log.info("tag check failed", image=source, error=str(exc) or type(exc).__name__)
+            self.rt.metrics.tag_checks.labels("failed").inc()
             return
         current = self.status.get("digest")
         await self.set_status(
             upstreamDigest=upstream, upToDate=upstream == current, lastChecked=iso(utcnow())
         )
+        self.rt.metrics.tag_checks.labels("current" if upstream == current else "moved").inc()
         if upstream != current:
             log.info("tag moved", image=source, cached=current, upstream=upstream)
             await self.cache(ref, source)  # keep the cache on what pods will pull next
@@ -494,6 +501,11 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
     ) -> None:
         operation = kw.get("operation")
         done = mutate_pod(policy, body, patch, operation, subresource)
+        rewritten = bool(patch.fns)
+        skipped = bool(done) and done[0].startswith("skipped:")
+        rt.metrics.admissions.labels(
+            "rewritten" if rewritten else "skipped" if skipped else "unchanged"
+        ).inc()
         if done:
             meta = body.get("metadata") or {}
             log.info(

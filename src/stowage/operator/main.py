@@ -124,6 +124,7 @@ async def run_operator(settings: OperatorSettings) -> None:
             )
             registry = kopf.OperatorRegistry()
             register(registry, rt)
+            metrics_runner = await rt.metrics.serve(settings.metrics_listen)
             health_host, health_port = split_listen(settings.health_listen)
             log.info(
                 "operator starting",
@@ -142,6 +143,7 @@ async def run_operator(settings: OperatorSettings) -> None:
                     stop_flag=stop,
                 )
             finally:
+                await metrics_runner.cleanup()
                 for task in tasks:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
