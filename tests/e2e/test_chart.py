@@ -408,6 +408,7 @@ def test_operator_deployment(helm: Helm) -> None:
         "--webhook-config=stowage",
         "--cert-secret=stowage-webhook-tls",
         "--health-listen=0.0.0.0:8080",
+        "--metrics-listen=0.0.0.0:9090",
         "--peering=stowage",
         "--log-level=info",
         "--log-format=json",
@@ -598,7 +599,7 @@ def test_service_monitor(helm: Helm) -> None:
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["r"] == "p"
     assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
-    # It selects the cluster cache's Service and the proxies' headless one, nothing else.
+    # It selects the cluster cache's Service and the proxies' and operators' headless ones.
     selector = monitor["spec"]["selector"]
 
     def selected(service: Doc) -> bool:
@@ -613,8 +614,11 @@ def test_service_monitor(helm: Helm) -> None:
 
     assert sorted(s["metadata"]["name"] for s in of_kind(docs, "Service") if selected(s)) == [
         "stowage-cache",
+        "stowage-operator-metrics",
         "stowage-proxy",
     ]
+    operator = one(docs, "Service", "stowage-operator-metrics")
+    assert operator["spec"]["ports"][0]["targetPort"] == "metrics"
     proxies = one(docs, "Service", "stowage-proxy")
     assert proxies["spec"]["clusterIP"] == "None"
     assert proxies["spec"]["ports"][0]["targetPort"] == "http"
