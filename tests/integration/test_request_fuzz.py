@@ -12,7 +12,7 @@ stowage's upstream is the session registry (also its default registry), so valid
 requests reach real images. Every request stays on loopback: one whose route would name any
 other registry gets ``ns=<session registry>`` first in its query.
 
-Asserted: never a 500 (nor any 5xx but 502 for the unreachable upstream); a 200 for
+Asserted: never a 500 (nor any 5xx but 502/504 for an unreachable or silent upstream); a 200 for
 content addressed by digest hashes to that digest, a 206 is as long as its Content-Range;
 every 4xx/5xx stowage answers is OCI error JSON (the HTTP parser's own 400/431 for
 requests that are not HTTP are told apart and allowed); no traceback or unhandled error in
@@ -527,7 +527,7 @@ def check(request: FuzzRequest, response: FuzzResponse) -> str | None:
         return f"no answer: {response.error}"
     status = response.status
     where = f"-> {status} {response.headers.get('content-type')!r} {response.body[:300]!r}"
-    if status >= 500 and status != 502:
+    if status >= 500 and status not in (502, 504):
         return f"server error {where}"
     if status < 400:
         return _check_content(request, response)

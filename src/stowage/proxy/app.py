@@ -39,6 +39,7 @@ from stowage.upstream.client import (
     UpstreamError,
     UpstreamInvalid,
     UpstreamNotFound,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 
@@ -188,7 +189,9 @@ class Proxy:
         if isinstance(exc, UpstreamInvalid) and exc.status == 413:
             return OCIError(413, "MANIFEST_INVALID", str(exc))
         suffix = " and nothing is cached" if isinstance(exc, UpstreamUnavailable) else ""
-        return OCIError(502, "UNAVAILABLE", f"{exc}{suffix}")
+        # A timeout is the gateway's own verdict on a silent upstream: 504, as proxies say.
+        status = 504 if isinstance(exc, UpstreamTimeout) else 502
+        return OCIError(status, "UNAVAILABLE", f"{exc}{suffix}")
 
     # -- manifests -----------------------------------------------------------
 

@@ -48,6 +48,10 @@ class UpstreamUnavailable(UpstreamError):
     """Unreachable, timed out, 5xx or 429: a reason to serve stale content."""
 
 
+class UpstreamTimeout(UpstreamUnavailable):
+    """Connected late or not at all, or answered too slowly: a gateway timeout."""
+
+
 class UpstreamNotFound(UpstreamError):
     pass
 
@@ -313,7 +317,7 @@ class Upstream:
                 resp = await self._session.request(method, url, headers=hdrs, allow_redirects=False)
             except TimeoutError as exc:
                 self._on_request(registry, "timeout")
-                raise UpstreamUnavailable(registry, self._timed_out(exc)) from exc
+                raise UpstreamTimeout(registry, self._timed_out(exc)) from exc
             except aiohttp.ClientConnectorError as exc:
                 self._on_request(registry, "unreachable")
                 raise UpstreamUnavailable(registry, f"unreachable ({exc.os_error})") from exc
@@ -409,7 +413,7 @@ class Upstream:
                     )
                 doc: dict[str, Any] = await resp.json(content_type=None)
         except TimeoutError as exc:
-            raise UpstreamUnavailable(registry, "token service timed out") from exc
+            raise UpstreamTimeout(registry, "token service timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(registry, f"token service unreachable: {exc}") from exc
         except ValueError as exc:
@@ -452,7 +456,7 @@ class Upstream:
                     raise UpstreamInvalid(registry, "response exceeds 4 MiB", status=413)
                 chunks.append(chunk)
         except TimeoutError as exc:
-            raise UpstreamUnavailable(registry, "timed out reading the response") from exc
+            raise UpstreamTimeout(registry, "timed out reading the response") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(registry, f"response cut short: {exc}") from exc
         return b"".join(chunks)
