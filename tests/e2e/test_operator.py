@@ -308,6 +308,14 @@ def test_moved_tag_is_noticed_and_recached(env: Env) -> None:
     assert ci["status"]["upToDate"] is True
     assert env.registry.count("HEAD", "/library/fresh/manifests/1", since=since) >= 1
     assert env.registry.count("GET", "/library/fresh/manifests/1", since=since) == 0
+    # A pin the cache lost comes back with the next check.
+    out = run_cli("cache", "unpin", image, "--data", str(env.cache.data_dir))
+    assert out.returncode == 0, out.stderr
+    assert _cache_listing(env, "library/fresh") == [("1", first.manifest_digest, False)]
+    wait_until(
+        lambda: _cache_listing(env, "library/fresh") == [("1", first.manifest_digest, True)],
+        timeout=FRESHNESS * 5,
+    )
 
     moved = push_image(env.registry, "library/fresh", "1", seed="fresh-2")
     assert moved.manifest_digest != first.manifest_digest

@@ -313,6 +313,10 @@ class Lifecycle:
         await self.set_status(
             upstreamDigest=upstream, upToDate=upstream == current, lastChecked=iso(utcnow())
         )
+        if upstream == current:
+            # Idempotent: a cache that lost its pins (index rebuilt, replaced volume) gets
+            # them back within one interval.
+            await cache_admin(self.rt, "PUT", "pins", ref)
         self.rt.metrics.tag_checks.labels("current" if upstream == current else "moved").inc()
         if upstream != current:
             log.info("tag moved", image=source, cached=current, upstream=upstream)
