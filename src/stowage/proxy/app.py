@@ -24,7 +24,7 @@ from stowage.oci.digest import Digest, InvalidDigest, UnsupportedDigest, is_dige
 from stowage.oci.manifest import Descriptor, InvalidManifest, parse_manifest
 from stowage.oci.reference import is_valid_tag
 from stowage.proxy.access import CHALLENGE, AccessGate
-from stowage.proxy.errors import OCIError
+from stowage.proxy.errors import API_VERSION, OCIError
 from stowage.proxy.fill import CacheUnavailable, DigestMismatch, Fill, Fills
 from stowage.proxy.metrics import Metrics
 from stowage.proxy.routing import Route, parse_route
@@ -45,10 +45,10 @@ from stowage.upstream.client import (
 
 log = structlog.get_logger("stowage.proxy")
 
-API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 BLOB_TYPE = "application/octet-stream"
 MANIFEST_MEMORY = 32 * 1024 * 1024  # bytes of manifests kept in memory
 CHUNK = 1024 * 1024
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux only
 FLUSH_INTERVAL = 5.0
 
 
@@ -389,15 +389,15 @@ class Proxy:
         headers = {"Docker-Content-Digest": str(digest), **API_VERSION}
         path = self.store.path(digest)
         try:
-            size = os.stat(path).st_size
+            stat = os.stat(path)
         except FileNotFoundError:
-            size = None
-        if size is not None:
-            _check_cached_range(request, path, size)
+            stat = None
+        if stat is not None:
+            _check_cached_range(request, stat)
             request["result"] = "hit"
             self.index.touch_blob(str(digest))
             if request.method == hdrs.METH_GET:
-                request["bytes"] = ("cache", _served_length(request, size))
+                request["bytes"] = ("cache", _served_length(request, stat.st_size))
             # sendfile, Range and HEAD handled by aiohttp. Held from the stat on (no
             # await in between): eviction, on this loop too, then leaves the file alone.
             return CorkedFileResponse(
@@ -463,15 +463,15 @@ class Proxy:
                 log.warning(
                     "upstream failed during pass-through", digest=str(digest), error=str(exc)
                 )
-                if self.upstream.from_parent(upstream):
-                    self.upstream.blame_parent(f"blob {digest} cut short: {exc!r}")
+                self.upstream.blame_if_parent(upstream, f"blob {digest} cut short: {exc!r}")
                 _abort(request)
                 return resp
             if verify and hasher.hexdigest() != digest.hex:
                 self.metrics.digest_mismatches.labels(route.registry).inc()
                 log.warning("digest mismatch during pass-through", digest=str(digest))
-                if self.upstream.from_parent(upstream):
-                    self.upstream.blame_parent(f"blob {digest}: wrong bytes", mismatch=True)
+                self.upstream.blame_if_parent(
+                    upstream, f"blob {digest}: wrong bytes", mismatch=True
+                )
                 request["result"] = "error"
                 _abort(request)
                 return resp
@@ -500,12 +500,7 @@ class Proxy:
             if rng.start is not None or rng.stop is not None:
                 start, stop = _resolve_range(rng, size)
                 if start >= size or start >= stop:
-                    raise OCIError(
-                        416,
-                        "BLOB_UNKNOWN",
-                        "requested range not satisfiable",
-                        headers={hdrs.CONTENT_RANGE: f"bytes */{size}"},
-                    )
+                    raise _unsatisfiable(size)
                 end = stop
                 status = 206
                 headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
@@ -517,10 +512,9 @@ class Proxy:
             return resp
         assert fill.path is not None
         loop = asyncio.get_running_loop()
-        transport = request.transport
         # With a known length, the kernel copies the growing file to the socket
         # (sendfile); otherwise (chunked encoding) the bytes pass through here.
-        kernel_copy = end is not None and transport is not None
+        transport = request.transport if end is not None else None
         file = open(fill.path, "rb")  # noqa: ASYNC230, SIM115 - local file, closed below
         reader = self.readers.hold(str(fill.digest))
         offset = start
@@ -530,7 +524,7 @@ class Proxy:
                 if end is not None:
                     available = min(available, end)
                 if offset < available:
-                    if kernel_copy and transport is not None:
+                    if transport is not None:
                         if transport.is_closing():
                             return resp
                         sent = await loop.sendfile(transport, file, offset, available - offset)
@@ -603,8 +597,7 @@ class Proxy:
             await resp.write_eof()
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("resuming from upstream failed", digest=str(digest), error=str(exc))
-            if self.upstream.from_parent(upstream):
-                self.upstream.blame_parent(f"blob {digest} cut short: {exc!r}")
+            self.upstream.blame_if_parent(upstream, f"blob {digest} cut short: {exc!r}")
             _abort(request)
         finally:
             upstream.release()
@@ -715,7 +708,7 @@ def _utf8(value: str) -> bool:
     return True
 
 
-def _check_cached_range(request: web.Request, path: str | os.PathLike[str], size: int) -> None:
+def _check_cached_range(request: web.Request, stat: os.stat_result) -> None:
     """Refuse a Range starting at or past the end of a cached blob with OCI error JSON, as
     a blob being filled is refused, where aiohttp's file response would send an empty 416
     (unless If-Range, a date older than the file, says to ignore the Range)."""
@@ -726,25 +719,27 @@ def _check_cached_range(request: web.Request, path: str | os.PathLike[str], size
     except ValueError:
         return  # ignored, see _for_file_response
     if_range = request.if_range
-    if if_range is not None and os.stat(path).st_mtime > if_range.timestamp():
+    if if_range is not None and stat.st_mtime > if_range.timestamp():
         return
-    start = rng.start
-    if start is not None and start < 0 and rng.stop is None:
-        start = max(0, size + start)  # suffix range: the last -start bytes
-    if start is not None and start >= size:
-        raise OCIError(
-            416,
-            "BLOB_UNKNOWN",
-            "requested range not satisfiable",
-            headers={hdrs.CONTENT_RANGE: f"bytes */{size}"},
-        )
+    start, _ = _resolve_range(rng, stat.st_size)
+    if start >= stat.st_size:
+        raise _unsatisfiable(stat.st_size)
+
+
+def _unsatisfiable(size: int) -> OCIError:
+    return OCIError(
+        416,
+        "BLOB_UNKNOWN",
+        "requested range not satisfiable",
+        headers={hdrs.CONTENT_RANGE: f"bytes */{size}"},
+    )
 
 
 def _cork(sock: socket.socket | None, on: bool) -> bool:
-    if sock is None or not hasattr(socket, "TCP_CORK"):
+    if sock is None or _TCP_CORK is None:
         return False
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
     except OSError:
         return False
     return True

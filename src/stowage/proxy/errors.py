@@ -6,6 +6,9 @@ import json
 
 from aiohttp import web
 
+# Marks an answer as a registry's (as Distribution does), e.g. for a child stowage.
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
 
 class OCIError(Exception):
     """An error answered as ``{"errors": [{"code", "message"}]}``."""
@@ -20,8 +23,7 @@ class OCIError(Exception):
     def response(self) -> web.Response:
         # aiohttp omits the body of a HEAD response and keeps its length.
         body = json.dumps({"errors": [{"code": self.code, "message": self.message}]}).encode()
-        # Marks it a registry's answer (as Distribution does), e.g. for a child stowage.
-        headers = {"Docker-Distribution-API-Version": "registry/2.0", **self.headers}
+        headers = {**API_VERSION, **self.headers}
         return web.Response(
             status=self.status, body=body, content_type="application/json", headers=headers
         )

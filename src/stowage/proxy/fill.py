@@ -172,9 +172,8 @@ class Fill:
             if not self._ready.done():
                 self._ready.set_exception(exc)
                 self._ready.exception()  # retrieved: readers get it from ready()
-            if isinstance(exc, CacheUnavailable):
-                pass  # logged by Fills, which pauses caching
-            elif not isinstance(exc, UpstreamError | asyncio.CancelledError):
+            # CacheUnavailable is logged by Fills, which pauses caching.
+            if not isinstance(exc, CacheUnavailable | UpstreamError | asyncio.CancelledError):
                 log.error("fill failed", digest=str(self.digest), error=repr(exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -284,7 +283,7 @@ class Fills:
         self._index = index
         self._upstream = upstream
         self._fills: dict[str, Fill] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Fill] = {}
         self._on_change = on_change
         self._on_mismatch = on_mismatch
         self._degraded_until = 0.0
@@ -308,8 +307,8 @@ class Fills:
         self._on_change(len(self._fills))
         # A task of its own: a client going away must never cancel the fill.
         task = asyncio.get_running_loop().create_task(self._run(key, fill), name=f"fill {key}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = fill
+        task.add_done_callback(self._tasks.pop)
         return fill
 
     async def _run(self, key: str, fill: Fill) -> None:
@@ -347,9 +346,8 @@ class Fills:
     async def close(self) -> None:
         """Stop downloads in progress; let verified blobs finish their commit,
         so a shutdown right after a pull keeps what its clients received."""
-        committing = [f for f in self._fills.values() if f.verified]
-        for task in list(self._tasks):
-            if not any(task.get_name() == f"fill {f.digest}" for f in committing):
+        for task, fill in list(self._tasks.items()):
+            if not fill.verified:
                 task.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(

@@ -112,7 +112,7 @@ class Upstream:
         self._on_request = on_request or (lambda registry, status: None)
         # Tried first for every request made with the configured identity (see parent.py).
         self.parent = (
-            Parent(config.parent, backoff=config.parent_backoff, on_result=on_parent or _ignore)
+            Parent(config.parent, backoff=config.parent_backoff, on_result=on_parent)
             if config.parent
             else None
         )
@@ -229,9 +229,8 @@ class Upstream:
         try:
             return await self._read_limited(resp, registry, MAX_MANIFEST_SIZE)
         except UpstreamUnavailable as exc:
-            if not self.from_parent(resp):
+            if not self.blame_if_parent(resp, str(exc)):
                 raise
-            self.blame_parent(str(exc))
             return None
 
     # -- the parent stowage ----------------------------------------------------
@@ -245,6 +244,15 @@ class Upstream:
         leave the parent alone for a while, so the next attempt asks the registry."""
         if self.parent is not None:
             self.parent.failed(EVERY_REGISTRY, reason, "mismatch" if mismatch else "fallback")
+
+    def blame_if_parent(
+        self, resp: aiohttp.ClientResponse, reason: str, mismatch: bool = False
+    ) -> bool:
+        """``blame_parent`` if ``resp`` came from the parent; whether it did."""
+        if not self.from_parent(resp):
+            return False
+        self.blame_parent(reason, mismatch)
+        return True
 
     # -- plumbing ------------------------------------------------------------
 
@@ -351,12 +359,10 @@ class Upstream:
         credentials: Credentials | _Configured | None = CONFIGURED,
         fresh: bool = False,
     ) -> str | None:
-        configured = isinstance(credentials, _Configured)
-        creds = (
-            self.config.credentials.get(registry)
-            if isinstance(credentials, _Configured)
-            else credentials
-        )
+        if isinstance(credentials, _Configured):
+            configured, creds = True, self.config.credentials.get(registry)
+        else:
+            configured, creds = False, credentials
         if challenge is None:
             return None
         if challenge.scheme == "basic":
@@ -474,10 +480,6 @@ def _retry_after(value: str | None) -> float:
             return DEFAULT_BACKOFF
         return max(0.0, when.timestamp() - time.time())
     return DEFAULT_BACKOFF
-
-
-def _ignore(result: str) -> None:
-    pass
 
 
 def _origin(url: str) -> tuple[str, str]:

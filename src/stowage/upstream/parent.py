@@ -119,12 +119,12 @@ class Parent:
         url: str,
         *,
         backoff: float = PARENT_BACKOFF,
-        on_result: Callable[[str], None] = lambda result: None,
+        on_result: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url.rstrip("/")
         self.backoff = backoff
-        self._on_result = on_result
+        self._on_result = on_result or (lambda result: None)
         self._clock = clock
         self._until: dict[str, float] = {}  # back-off key -> clock time to wait for
         self._sent: weakref.WeakSet[aiohttp.ClientResponse] = weakref.WeakSet()
@@ -156,9 +156,7 @@ class Parent:
             return None
         url = self.url + parent_path(registry, repository, path)
         try:
-            resp = await session.request(
-                method, url, headers=dict(headers), max_redirects=MAX_REDIRECTS
-            )
+            resp = await session.request(method, url, headers=headers, max_redirects=MAX_REDIRECTS)
         except TimeoutError as exc:
             late = (
                 "no connection" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "no answer"
