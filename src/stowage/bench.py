@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stowage.oci.manifest import Platform
-from stowage.oci.reference import Reference, api_host, encode_registry
+from stowage.oci.reference import Reference, api_host
 from stowage.pull import PullError, PullResult, pull
 from stowage.units import format_size
 from stowage.upstream.auth import parse_challenge
@@ -161,7 +161,7 @@ async def measure(
     stowage = stowage_url.rstrip("/")
     direct_base = registry_url(ref, insecure)
     reference = ref.ref
-    proxied_name = f"{encode_registry(ref.registry)}/{ref.repository}"
+    proxied_name = ref.prefixed_name
     timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         await _probe_stowage(session, stowage)

@@ -22,7 +22,7 @@ from rich.table import Table
 from stowage import __version__
 from stowage.agent.config import AgentSettings
 from stowage.oci.manifest import Platform
-from stowage.oci.reference import InvalidReference, Reference, encode_registry, parse_reference
+from stowage.oci.reference import InvalidReference, Reference, parse_reference
 from stowage.operator.config import OperatorSettings
 from stowage.settings import ClusterSettings, ConfigError, Settings, load_layered, load_settings
 from stowage.units import format_size
@@ -416,7 +416,7 @@ def cache_warm(image: str, url: str, platform_: str) -> None:
 
     ref = _parse_image(image, platform_)
     plat = Platform.parse(platform_)
-    name = f"{encode_registry(ref.registry)}/{ref.repository}"
+    name = ref.prefixed_name
     base = url.rstrip("/")
 
     async def go() -> None:

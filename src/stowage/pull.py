@@ -30,6 +30,10 @@ class PullError(Exception):
     pass
 
 
+class PlatformMissing(PullError):
+    """An index without the asked platform."""
+
+
 @dataclass(slots=True)
 class BlobTiming:
     digest: str
@@ -79,7 +83,7 @@ async def pull(
         chosen = select_platform(refs, platform)
         if chosen is None:
             available = ", ".join(str(r.platform) for r in refs if r.platform)
-            raise PullError(f"{name}:{reference} has no {platform} image (has: {available})")
+            raise PlatformMissing(f"{name}:{reference} has no {platform} image (has: {available})")
         body, media_type, child = await _get_manifest(session, base_url, name, chosen.digest, hdrs)
         result.platform_digest = child
         kind, refs = parse_manifest(body, media_type)

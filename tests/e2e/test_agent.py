@@ -4,6 +4,7 @@ pre-pull through the node proxy, removal, disk threshold, start-up taint, mirror
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,31 @@ def test_tags_are_pulled_again_on_the_refresh_interval(
     # The blobs were not fetched again (the runtime and the cache have them).
     for digest, _ in images.app.blobs:
         assert registry.blob_gets(digest, since=since) <= 1
+
+
+def test_failed_pull_is_reported_and_retried_with_backoff(
+    kube: KubeAPI,
+    namespace: str,
+    node: str,
+    registry: Registry,
+    stowage_factory: StowageFactory,
+    agent_factory: AgentFactory,
+) -> None:
+    stowage = stowage_factory(upstreams=[registry])
+    agent = agent_factory(node, stowage)
+    image = f"{registry.host}/library/no-such-image:1"
+    _image_cache(kube, namespace, "missing", [image], {"stowage.dev/prepull": node})
+    [entry] = wait_until(
+        lambda: _node_status(kube, namespace, "missing", node) or None, timeout=30, interval=0.3
+    )
+    assert entry["state"] == "Failed" and entry["image"] == image
+    assert "not found" in entry["reason"].lower() or "404" in entry["reason"], entry
+    # Not retried at every pass (2 s): the first retry waits about 10 s.
+    time.sleep(5)
+    assert 'stowage_agent_pulls_total{result="failed"} 1.0' in agent.metrics()
+    wait_until(
+        lambda: 'stowage_agent_pulls_total{result="failed"} 2.0' in agent.metrics(), timeout=20
+    )
 
 
 def test_disk_above_threshold_skips_with_reason(

@@ -177,6 +177,8 @@ async def test_images_in_use_are_never_removed(
             with pytest.raises(ImageInUseError) as caught:
                 await cri.remove_image(app_ref)
             assert caught.value.image_id == app_id
+            with pytest.raises(ImageInUseError):  # ids in use listed once by the caller
+                await cri.remove_image(app_ref, in_use=await cri.images_in_use())
             assert await cri.image_status(app_ref) is not None
             assert await cri.remove_image(other_ref) is True  # unused: removed
             assert await cri.image_status(other_ref) is None

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from stowage.agent.prepull import credentials_from_secret, pull_name, selects
+from stowage.agent.cri import Image
+from stowage.agent.prepull import credentials_from_secret, pull_name, repo_digest, selects
 from stowage.oci.reference import parse_reference
 
 
@@ -32,6 +33,14 @@ def test_selects_needs_every_label() -> None:
 )
 def test_pull_name_is_what_pods_use(image: str, mirrored: set[str], expected: str) -> None:
     assert pull_name(parse_reference(image), mirrored, "localhost:7439") == expected
+
+
+def test_repo_digest_is_the_first_digested_name() -> None:
+    digest = "sha256:" + "a" * 64
+    image = Image("sha256:" + "b" * 64, ("r/app:1",), ("r/app", f"r/app@{digest}"), 1)
+    assert repo_digest(image) == digest
+    assert repo_digest(Image("sha256:" + "b" * 64, ("r/app:1",), (), 1)) == ""
+    assert repo_digest(None) == ""
 
 
 def _secret(doc: object, key: str = ".dockerconfigjson") -> dict[str, object]:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
+from stowage.agent.mirror import DEFAULT_PROXY_URL
 from stowage.settings import ClusterSettings, http_url, positive_duration, split_listen
 
 TAINT_KEY = "stowage.dev/not-ready"
@@ -33,7 +34,7 @@ class AgentSettings(ClusterSettings):
         "webhook rewrites pods), for registries not mirrored.",
     )
     proxy_url: str = Field(
-        "http://127.0.0.1:7439",
+        DEFAULT_PROXY_URL,
         description="URL of the node proxy: containerd's mirror, and whose /readyz lifts "
         "the start-up taint.",
     )

@@ -22,7 +22,7 @@ Notes on the runtime's behaviour (checked against containerd 1.6's CRI plugin):
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeVar
@@ -276,17 +276,24 @@ class CRIClient:
         )
         return resp.image_ref
 
-    async def remove_image(self, ref: str, *, force: bool = False) -> bool:
+    async def remove_image(
+        self, ref: str, *, force: bool = False, in_use: Collection[str] | None = None
+    ) -> bool:
         """Remove the image ``ref`` names, under all its names (CRI semantics).
 
         Returns False when no such image is present. Unless ``force``, raises
-        ``ImageInUseError`` when a container (in any state) uses the image.
+        ``ImageInUseError`` when a container (in any state) uses the image: one of
+        ``in_use`` (ids, as ``images_in_use`` returns them) when given, so that a caller
+        removing several images lists containers once, else asked of the runtime now.
         """
         image = await self.image_status(ref)
         if image is None:
             return False
-        if not force and image.id in await self.images_in_use():
-            raise ImageInUseError(ref, image.id)
+        if not force:
+            if in_use is None:
+                in_use = await self.images_in_use()
+            if image.id in in_use:
+                raise ImageInUseError(ref, image.id)
         await self._call(
             "RemoveImage",
             lambda: self._images.RemoveImage(

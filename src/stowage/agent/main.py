@@ -23,10 +23,10 @@ from stowage.agent.prepull import (
     VERSION,
     AgentMetrics,
     PrePuller,
-    wait_either,
 )
 from stowage.kubeclient import MERGE_PATCH, KubeConfigError, api_client
 from stowage.settings import split_listen
+from stowage.timing import wait_any
 
 log = structlog.get_logger("stowage.agent")
 
@@ -102,7 +102,7 @@ async def guard_mirror(
                     restored=[str(p) for p in changes.restored],
                     removed=[str(p) for p in changes.removed],
                 )
-        await wait_either(asyncio.Event(), stop, READY_EVERY)
+        await wait_any(stop.wait, seconds=READY_EVERY)
 
 
 async def lift_taint(
@@ -110,7 +110,7 @@ async def lift_taint(
 ) -> None:
     """Remove the start-up taint from this node once the node proxy is ready."""
     while not stop.is_set() and not await proxy_ready(http, settings):
-        await wait_either(asyncio.Event(), stop, 1.0)
+        await wait_any(stop.wait, seconds=1.0)
     core = k8s.CoreV1Api(api)
     while not stop.is_set():
         node = await core.read_node(settings.node_name)
@@ -194,14 +194,13 @@ async def run_agent(settings: AgentSettings) -> None:
             restored=[str(p) for p in changes.restored],
             removed=[str(p) for p in changes.removed],
         )
-    if settings.mirror:
-        # Checked now, so that a bad --mirror is a start-up error, not a log line.
-        try:
-            for spec in settings.mirror:
-                mirror.MirroredRegistry.parse(spec)
+    # Checked now, so that a bad --mirror is a start-up error, not a log line.
+    try:
+        mirrored = {mirror.MirroredRegistry.parse(spec).host for spec in settings.mirror}
+        if settings.mirror:
             mirror.validate_proxy_url(settings.proxy_url)
-        except mirror.MirrorConfigError as exc:
-            raise AgentError(f"--mirror: {exc}") from None
+    except mirror.MirrorConfigError as exc:
+        raise AgentError(f"--mirror: {exc}") from None
     try:
         api = await api_client(settings.kubeconfig)
     except KubeConfigError as exc:
@@ -233,7 +232,7 @@ async def run_agent(settings: AgentSettings) -> None:
                 cri,
                 node=settings.node_name,
                 proxy_address=settings.proxy_address,
-                mirrored={mirror.MirroredRegistry.parse(m).host for m in settings.mirror},
+                mirrored=mirrored,
                 disk_threshold=settings.disk_threshold,
                 state_dir=settings.state_dir,
                 metrics=metrics,
@@ -245,7 +244,7 @@ async def run_agent(settings: AgentSettings) -> None:
                 except (k8s.ApiException, aiohttp.ClientError, CRIError, OSError) as exc:
                     log.warning("reconcile failed", error=str(exc))
                     delay = min(settings.sync_interval, 10.0)
-                await wait_either(wake, stop, delay)
+                await wait_any(wake.wait, stop.wait, seconds=delay)
     finally:
         for task in tasks:
             task.cancel()

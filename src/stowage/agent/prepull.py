@@ -10,13 +10,11 @@ ImageCache's status, only when it changed.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import datetime as dt
 import json
 import os
-import random
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -28,9 +26,10 @@ import structlog
 from kubernetes_asyncio import client as k8s
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from stowage.agent.cri import CRIClient, CRIError, ImageInUseError
+from stowage.agent.cri import CRIClient, CRIError, Image, ImageInUseError
 from stowage.kubeclient import MERGE_PATCH
 from stowage.oci.reference import InvalidReference, Reference, parse_reference, proxied_reference
+from stowage.timing import backoff
 from stowage.units import parse_duration
 from stowage.upstream.auth import registry_key
 
@@ -38,6 +37,7 @@ log = structlog.get_logger("stowage.agent")
 
 GROUP, VERSION, PLURAL = "stowage.dev", "v1alpha1", "imagecaches"
 DEFAULT_REFRESH = 3600.0
+RECHECK = 3600.0  # seconds until an image that is never refreshed is looked at again
 RETRY_MIN, RETRY_MAX = 10.0, 600.0
 STATE_FILE = "prepulled.json"
 
@@ -51,7 +51,6 @@ class Want:
     """One image some selected ImageCache lists."""
 
     image: str  # normalised reference, as reported
-    pull_name: str  # what the runtime is asked to pull
     registry: str
     tagged: bool
     refresh: float
@@ -95,6 +94,15 @@ def pull_name(ref: Reference, mirrored: set[str], proxy_address: str) -> str:
     if "_default" in mirrored or ref.registry in mirrored:
         return str(ref)
     return proxied_reference(ref, proxy_address)
+
+
+def repo_digest(image: Image | None) -> str:
+    """The manifest digest of the first of ``image``'s repo digests; "" when none."""
+    for name in image.repo_digests if image is not None else ():
+        _, at, digest = name.rpartition("@")
+        if at:
+            return digest
+    return ""
 
 
 def credentials_from_secret(secret: Mapping[str, Any], registry: str) -> tuple[str, str] | None:
@@ -205,24 +213,20 @@ class PrePuller:
         node = await k8s.CoreV1Api(self.api).read_node(self.node)
         labels = node.metadata.labels or {}
         listed = await self.objects.list_cluster_custom_object(GROUP, VERSION, PLURAL)
-        caches = [
-            ic
-            for ic in listed.get("items", [])
-            if selects((ic.get("spec") or {}).get("nodeSelector"), labels)
-        ]
+        every = listed.get("items", [])
+        caches = [ic for ic in every if selects((ic.get("spec") or {}).get("nodeSelector"), labels)]
         wants, per_cache = self._wants(caches)
 
-        due = [3600.0]
+        due = [RECHECK]
         usage = await self._disk_usage()
         for name, want in wants.items():
-            wait = await self._ensure(name, want, usage, now)
-            due.append(wait)
+            due.append(await self._ensure(name, want, usage, now))
         await self._remove_unwanted(set(wants))
         for state in ("Pulled", "Pulling", "Failed", "Skipped"):
             self.metrics.images.labels(state).set(
                 sum(1 for n in wants if (o := self.outcomes.get(n)) and o.state == state)
             )
-        await self._report(caches, per_cache, listed.get("items", []))
+        await self._report(caches, per_cache, every)
         return max(1.0, min(due))
 
     def _wants(
@@ -255,9 +259,7 @@ class PrePuller:
                     continue
                 want = wants.get(name)
                 if want is None:
-                    want = wants[name] = Want(
-                        str(ref), name, ref.registry, ref.digest is None, refresh
-                    )
+                    want = wants[name] = Want(str(ref), ref.registry, ref.digest is None, refresh)
                 want.refresh = min(want.refresh, refresh)
                 want.secrets += [s for s in secrets if s not in want.secrets]
                 names.append(name)
@@ -284,17 +286,16 @@ class PrePuller:
         """Pull ``want`` if missing, due for refresh, or retrying; returns seconds until
         it is next due."""
         pulled = self.state.pulled.get(name)
-        present = await self._present(name)
-        if present and pulled is not None:
+        image = await self._status(name)
+        if image is not None and pulled is not None:
             age = now - pulled.at
             if not want.tagged or age < want.refresh:
-                self._set(name, Outcome(want.image, "Pulled", pulled.digest, at=pulled.at))
-                return want.refresh - age if want.tagged else 3600.0
-        if present and pulled is None and not want.tagged:
+                self.outcomes[name] = Outcome(want.image, "Pulled", pulled.digest, at=pulled.at)
+                return want.refresh - age if want.tagged else RECHECK
+        if image is not None and pulled is None and not want.tagged:
             # Pulled by someone else (kubelet): keep it, but do not claim it for removal.
-            digest = await self._digest(name)
-            self._set(name, Outcome(want.image, "Pulled", digest, at=now))
-            return 3600.0
+            self.outcomes[name] = Outcome(want.image, "Pulled", repo_digest(image), at=now)
+            return RECHECK
         if now < self.retry_at.get(name, 0.0):
             return self.retry_at[name] - now
         if usage is not None and usage[0] * 100 >= self.disk_threshold:
@@ -302,43 +303,34 @@ class PrePuller:
                 f"image filesystem {usage[1]} is {usage[0] * 100:.0f}% full, at or above "
                 f"the {self.disk_threshold:g}% threshold"
             )
-            self._set(name, Outcome(want.image, "Skipped", reason=reason, at=now))
+            self.outcomes[name] = Outcome(want.image, "Skipped", reason=reason, at=now)
             self.metrics.pulls.labels("skipped").inc()
             return 60.0
         return await self._pull(name, want)
 
-    async def _present(self, name: str) -> bool:
+    async def _status(self, name: str) -> Image | None:
+        """The image ``name`` names in the runtime; None when absent or unknown."""
         try:
-            return await self.cri.image_status(name) is not None
+            return await self.cri.image_status(name)
         except CRIError:
-            return False
-
-    async def _digest(self, name: str) -> str:
-        image = await self.cri.image_status(name)
-        if image is None:
-            return ""
-        for repo_digest in image.repo_digests:
-            _, at, digest = repo_digest.rpartition("@")
-            if at:
-                return digest
-        return ""
+            return None
 
     async def _pull(self, name: str, want: Want) -> float:
         auth = await self._auth(want)
         started = time.time()
-        self._set(name, Outcome(want.image, "Pulling", at=started))
+        self.outcomes[name] = Outcome(want.image, "Pulling", at=started)
         log.info("pre-pulling", image=want.image, pull=name)
         try:
             await self.cri.pull_image(name, auth)
-            digest = await self._digest(name)
+            digest = repo_digest(await self.cri.image_status(name))
         except CRIError as exc:
             n = self.failures[name] = self.failures.get(name, 0) + 1
-            delay = min(RETRY_MAX, RETRY_MIN * 2.0 ** (n - 1)) * random.uniform(0.8, 1.2)
+            delay = backoff(n, RETRY_MIN, RETRY_MAX)
             self.retry_at[name] = time.time() + delay
             log.warning("pre-pull failed", image=want.image, error=str(exc), retry_in=round(delay))
             self.metrics.pulls.labels("failed").inc()
-            self._set(
-                name, Outcome(want.image, "Failed", reason=exc.details or str(exc), at=time.time())
+            self.outcomes[name] = Outcome(
+                want.image, "Failed", reason=exc.details or str(exc), at=time.time()
             )
             return delay
         self.failures.pop(name, None)
@@ -349,8 +341,8 @@ class PrePuller:
         log.info(
             "pre-pulled", image=want.image, digest=digest, seconds=round(time.time() - started, 2)
         )
-        self._set(name, Outcome(want.image, "Pulled", digest, at=started))
-        return want.refresh if want.tagged else 3600.0
+        self.outcomes[name] = Outcome(want.image, "Pulled", digest, at=started)
+        return want.refresh if want.tagged else RECHECK
 
     async def _auth(self, want: Want) -> tuple[str, str] | None:
         core = k8s.CoreV1Api(self.api)
@@ -370,9 +362,17 @@ class PrePuller:
         return None
 
     async def _remove_unwanted(self, wanted: set[str]) -> None:
-        for name in [n for n in self.state.pulled if n not in wanted]:
+        unwanted = [n for n in self.state.pulled if n not in wanted]
+        if not unwanted:
+            return
+        try:
+            in_use = await self.cri.images_in_use()  # once for the pass, not per image
+        except CRIError as exc:
+            log.warning("images not removed", pulls=unwanted, error=str(exc))
+            return
+        for name in unwanted:
             try:
-                removed = await self.cri.remove_image(name)
+                removed = await self.cri.remove_image(name, in_use=in_use)
             except ImageInUseError:
                 log.info("not removing an image in use", pull=name)
                 continue
@@ -384,9 +384,6 @@ class PrePuller:
             del self.state.pulled[name]
             self.outcomes.pop(name, None)
             self.state.save()
-
-    def _set(self, name: str, outcome: Outcome) -> None:
-        self.outcomes[name] = outcome
 
     async def _report(
         self,
@@ -433,12 +430,3 @@ class PrePuller:
                 {"status": status},
                 _content_type=MERGE_PATCH,
             )
-
-
-async def wait_either(event: asyncio.Event, stop: asyncio.Event, seconds: float) -> None:
-    tasks = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())]
-    try:
-        await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()

@@ -263,6 +263,11 @@ class Reference:
         return f"{self.registry}/{self.repository}"
 
     @property
+    def prefixed_name(self) -> str:
+        """The name as stowage routes it host-prefixed: ``127.0.0.1-5000/library/app``."""
+        return f"{encode_registry(self.registry)}/{self.repository}"
+
+    @property
     def ref(self) -> str:
         """What to ask the registry for: the digest if pinned, else the tag."""
         if self.digest is not None:
@@ -358,7 +363,7 @@ def proxied_reference(ref: Reference, proxy: str) -> str:
             f"proxy {_quote(proxy)} would be read as a Docker Hub namespace; "
             "give it a port or a dotted name"
         )
-    name = f"{proxy}/{encode_registry(ref.registry)}/{ref.repository}"
+    name = f"{proxy}/{ref.prefixed_name}"
     if len(name) > _NAME_MAX:
         raise InvalidReference(
             f"proxied name {_quote(name)} is {len(name)} characters, more than {_NAME_MAX}"

@@ -8,7 +8,6 @@ Nothing is written onto pods: which pods use which image lives in a kopf index
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import inspect
 import random
@@ -23,7 +22,7 @@ from kubernetes_asyncio import client as k8s
 
 from stowage.kubeclient import MERGE_PATCH
 from stowage.oci.manifest import UPSTREAM_ACCEPT, Platform
-from stowage.oci.reference import InvalidReference, Reference, encode_registry, parse_reference
+from stowage.oci.reference import InvalidReference, Reference, parse_reference
 from stowage.operator.config import OperatorSettings
 from stowage.operator.metrics import OperatorMetrics
 from stowage.operator.names import cached_image_name
@@ -36,7 +35,8 @@ from stowage.operator.rewrite import (
     skip_reason,
     source_images,
 )
-from stowage.pull import PullError, pull
+from stowage.pull import PlatformMissing, PullError, pull
+from stowage.timing import backoff, wait_any
 
 log = structlog.get_logger("stowage.operator")
 
@@ -118,21 +118,22 @@ def mutate_pod(
     patch: kopf.Patch,
     operation: str | None,
     subresource: str | None,
-) -> list[str]:
-    """Rewrite a pod's images in ``patch``; returns what was done, for the log."""
+) -> tuple[str, list[str]]:
+    """Rewrite a pod's images in ``patch``. Returns the outcome (rewritten, unchanged,
+    skipped: the whole pod) and what was done, for the log."""
     if operation == "CREATE" and subresource is None:
         fields: tuple[str, ...] = CONTAINER_FIELDS
     elif operation == "UPDATE" and subresource == "ephemeralcontainers":
         fields = ("ephemeralContainers",)  # `kubectl debug` adds them to a running pod
     else:
-        return []
+        return "unchanged", []
     meta = body.get("metadata") or {}
     reason = skip_reason(policy, meta.get("namespace"), meta.get("labels") or {})
     if reason:
-        return [f"skipped: {reason}"]
+        return "skipped", [reason]
     rewrite = plan(policy, body.get("spec") or {}, fields)
     if not rewrite.changed:
-        return rewrite.skipped
+        return "unchanged", rewrite.skipped
     existing = (meta.get("annotations") or {}).get(ORIGINAL_IMAGES)
     annotation = merged_annotation(existing, rewrite.originals)
 
@@ -144,7 +145,8 @@ def mutate_pod(
         meta.setdefault("annotations", {})[ORIGINAL_IMAGES] = annotation
 
     patch.fns.append(apply)
-    return [f"{name}: {image}" for name, image in rewrite.originals.items()] + rewrite.skipped
+    done = [f"{name}: {image}" for name, image in rewrite.originals.items()]
+    return "rewritten", done + rewrite.skipped
 
 
 # --- CachedImage lifecycle ----------------------------------------------------------------
@@ -189,8 +191,7 @@ class Lifecycle:
             delay = await self.step(ref, source)
             if delay is None:
                 return  # deleted
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_either(event, stopped), timeout=delay)
+            await wait_any(event.wait, stopped.wait, seconds=delay)
 
     async def step(self, ref: Reference, source: str) -> float | None:
         """One look at the object: returns seconds until the next is due, None once
@@ -266,8 +267,8 @@ class Lifecycle:
             digest, size = await prefetch(self.rt, ref)
         except (PullError, aiohttp.ClientError, TimeoutError) as exc:
             self.retries += 1
-            delay = min(RETRY_MAX, RETRY_MIN * 2 ** (self.retries - 1))
-            self.retry_at = loop.time() + delay * random.uniform(0.8, 1.2)
+            delay = backoff(self.retries, RETRY_MIN, RETRY_MAX)
+            self.retry_at = loop.time() + delay
             message = str(exc) or type(exc).__name__
             log.warning("prefetch failed", image=source, error=message, retry_in=round(delay))
             self.rt.metrics.prefetches.labels("failed").inc()
@@ -314,11 +315,12 @@ class Lifecycle:
             upstreamDigest=upstream, upToDate=upstream == current, lastChecked=iso(utcnow())
         )
         if upstream == current:
+            self.rt.metrics.tag_checks.labels("current").inc()
             # Idempotent: a cache that lost its pins (index rebuilt, replaced volume) gets
             # them back within one interval.
             await cache_admin(self.rt, "PUT", "pins", ref)
-        self.rt.metrics.tag_checks.labels("current" if upstream == current else "moved").inc()
-        if upstream != current:
+        else:
+            self.rt.metrics.tag_checks.labels("moved").inc()
             log.info("tag moved", image=source, cached=current, upstream=upstream)
             await self.cache(ref, source)  # keep the cache on what pods will pull next
 
@@ -345,15 +347,6 @@ class Lifecycle:
                 raise
 
 
-async def _either(event: asyncio.Event, stopped: kopf.DaemonStopped) -> None:
-    tasks = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stopped.wait())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
 def _ready(status: str, reason: str, message: str) -> list[dict[str, str]]:
     return [
         {
@@ -366,10 +359,6 @@ def _ready(status: str, reason: str, message: str) -> list[dict[str, str]]:
     ]
 
 
-def _cache_name(ref: Reference) -> str:
-    return f"{encode_registry(ref.registry)}/{ref.repository}"
-
-
 async def prefetch(rt: Runtime, ref: Reference) -> tuple[str, int]:
     """Pull ``ref`` through the cluster cache (every configured platform of an index), so
     its manifests and blobs are cached there; returns (manifest digest, blob bytes)."""
@@ -378,9 +367,11 @@ async def prefetch(rt: Runtime, ref: Reference) -> tuple[str, int]:
     platforms: list[Platform] = rt.settings.platforms
     for platform in platforms:
         try:
-            result = await pull(rt.http, rt.settings.cache_url, _cache_name(ref), ref.ref, platform)
-        except PullError as exc:
-            if "has no" in str(exc) and len(platforms) > 1:
+            result = await pull(
+                rt.http, rt.settings.cache_url, ref.prefixed_name, ref.ref, platform
+            )
+        except PlatformMissing:
+            if len(platforms) > 1:
                 continue  # this index lacks one of several wanted platforms
             raise
         digest = result.manifest_digest
@@ -436,7 +427,7 @@ async def release(rt: Runtime, name: str, body: Mapping[str, Any], others: Any) 
 async def head_digest(rt: Runtime, ref: Reference) -> str:
     """The digest the tag resolves to now, by HEAD through the cluster cache (which
     revalidates against upstream once its tag TTL is over)."""
-    url = f"{rt.settings.cache_url}/v2/{_cache_name(ref)}/manifests/{ref.ref}"
+    url = f"{rt.settings.cache_url}/v2/{ref.prefixed_name}/manifests/{ref.ref}"
     async with rt.http.head(url, headers={"Accept": UPSTREAM_ACCEPT}) as resp:
         digest = resp.headers.get("Docker-Content-Digest")
         if resp.status != 200 or not digest:
@@ -504,16 +495,13 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
         *, body: kopf.Body, patch: kopf.Patch, subresource: str | None, dryrun: bool, **kw: Any
     ) -> None:
         operation = kw.get("operation")
-        done = mutate_pod(policy, body, patch, operation, subresource)
-        rewritten = bool(patch.fns)
-        skipped = bool(done) and done[0].startswith("skipped:")
-        rt.metrics.admissions.labels(
-            "rewritten" if rewritten else "skipped" if skipped else "unchanged"
-        ).inc()
+        outcome, done = mutate_pod(policy, body, patch, operation, subresource)
+        rt.metrics.admissions.labels(outcome).inc()
         if done:
             meta = body.get("metadata") or {}
             log.info(
                 "pod admitted",
+                outcome=outcome,
                 namespace=meta.get("namespace"),
                 pod=meta.get("name") or meta.get("generateName"),
                 operation=operation,
