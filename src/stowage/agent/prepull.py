@@ -31,7 +31,7 @@ from stowage.kubeclient import MERGE_PATCH
 from stowage.oci.reference import InvalidReference, Reference, parse_reference, proxied_reference
 from stowage.timing import backoff
 from stowage.units import parse_duration
-from stowage.upstream.auth import registry_key
+from stowage.upstream.auth import AuthFileError, parse_auth_config
 
 log = structlog.get_logger("stowage.agent")
 
@@ -106,27 +106,22 @@ def repo_digest(image: Image | None) -> str:
 
 
 def credentials_from_secret(secret: Mapping[str, Any], registry: str) -> tuple[str, str] | None:
-    """(username, password) for ``registry`` from a dockerconfigjson (or dockercfg) Secret."""
+    """(username, password) for ``registry`` from a dockerconfigjson (or legacy dockercfg,
+    the bare ``auths`` map) Secret; None when it has none or cannot be read."""
     data = secret.get("data") or {}
     for key in (".dockerconfigjson", ".dockercfg"):
         if key not in data:
             continue
         try:
             doc = json.loads(base64.b64decode(data[key]))
-        except (ValueError, TypeError):
+            if key == ".dockercfg":
+                doc = {"auths": doc}
+            creds = parse_auth_config(doc, f"pull secret key {key}").get(registry)
+        except (ValueError, TypeError, AuthFileError) as exc:
+            log.warning("pull secret unreadable", registry=registry, error=str(exc))
             return None
-        auths = doc.get("auths", doc) if isinstance(doc, dict) else {}
-        for name, entry in (auths or {}).items():
-            if not isinstance(entry, dict) or registry_key(name) != registry:
-                continue
-            user, password = entry.get("username"), entry.get("password")
-            if entry.get("auth"):
-                try:
-                    user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-                except (ValueError, UnicodeDecodeError):
-                    continue
-            if user and password is not None:
-                return str(user), str(password)
+        if creds is not None and creds.username and creds.password is not None:
+            return creds.username, creds.password
     return None
 
 

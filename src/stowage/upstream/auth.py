@@ -12,6 +12,7 @@ import json
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from stowage.oci.reference import normalize_registry
 
@@ -83,13 +84,20 @@ def load_auth_file(path: Path) -> dict[str, Credentials]:
         raise AuthFileError(f"auth file {path} does not exist") from exc
     except (OSError, ValueError) as exc:
         raise AuthFileError(f"auth file {path} is not readable JSON: {exc}") from exc
+    return parse_auth_config(doc, f"auth file {path}")
+
+
+def parse_auth_config(doc: Any, where: str) -> dict[str, Credentials]:
+    """Credentials per registry from a docker ``config.json`` document (``auths`` →
+    ``auth`` base64 user:password, or ``username``/``password``, or ``identitytoken``).
+    Raises AuthFileError naming ``where`` and the problem."""
     auths = doc.get("auths") if isinstance(doc, dict) else None
     if not isinstance(auths, dict):
-        raise AuthFileError(f'auth file {path} has no "auths" object')
+        raise AuthFileError(f'{where} has no "auths" object')
     result: dict[str, Credentials] = {}
     for name, entry in auths.items():
         if not isinstance(entry, dict):
-            raise AuthFileError(f"auth file {path}: entry for {name!r} is not an object")
+            raise AuthFileError(f"{where}: entry for {name!r} is not an object")
         username = entry.get("username")
         password = entry.get("password")
         if entry.get("auth"):
@@ -97,13 +105,11 @@ def load_auth_file(path: Path) -> dict[str, Credentials]:
                 decoded = base64.b64decode(entry["auth"], validate=True).decode()
             except (ValueError, UnicodeDecodeError) as exc:
                 raise AuthFileError(
-                    f"auth file {path}: 'auth' for {name!r} is not base64 of user:password"
+                    f"{where}: 'auth' for {name!r} is not base64 of user:password"
                 ) from exc
             username, sep, password = decoded.partition(":")
             if not sep:
-                raise AuthFileError(
-                    f"auth file {path}: 'auth' for {name!r} is not base64 of user:password"
-                )
+                raise AuthFileError(f"{where}: 'auth' for {name!r} is not base64 of user:password")
         token = entry.get("identitytoken") or None
         if username is None and token is None:
             continue
