@@ -134,19 +134,33 @@ async def _get_blob(
     loop = asyncio.get_running_loop()
     # Hash in a thread (hashlib drops the GIL) while the loop receives the next
     # chunk: on the loop, sha256 would take half a core from every transfer.
+    # Reads return what has arrived (often a few KiB): hand the thread batches of
+    # at least CHUNK, or the hand-offs cost more than the hashing they move.
     hashing: asyncio.Future[None] | None = None
+    batch: list[bytes] = []
+    batched = 0
+
+    def digest_batch(chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            hasher.update(chunk)
+
     async with session.get(url, headers=headers) as resp:
         if resp.status != 200:
             raise PullError(f"GET {url}: {resp.status} {_error_text(await resp.read())}")
         async for chunk in resp.content.iter_chunked(CHUNK):
-            if hashing is not None:
-                await hashing
-            hashing = loop.run_in_executor(None, hasher.update, chunk)
+            batch.append(chunk)
+            batched += len(chunk)
             size += len(chunk)
             if on_bytes:
                 on_bytes(len(chunk))
+            if batched >= CHUNK:
+                if hashing is not None:
+                    await hashing
+                hashing = loop.run_in_executor(None, digest_batch, batch)
+                batch, batched = [], 0
     if hashing is not None:
         await hashing
+    digest_batch(batch)
     if hasher.hexdigest() != expected.hex:
         raise PullError(f"blob {desc.digest} arrived with a different digest")
     return BlobTiming(desc.digest, size, time.perf_counter() - started)
