@@ -33,7 +33,7 @@ log = structlog.get_logger("stowage.fill")
 
 # Bytes received but not yet written before the download waits for the disk:
 # bounds memory per fill whatever the speed of either side.
-MAX_QUEUED = 4 * 1024 * 1024
+MAX_QUEUED = 2 * 1024 * 1024
 READ_SIZE = 1024 * 1024
 
 

@@ -21,7 +21,7 @@ from stowage.upstream.auth import Challenge, Credentials, parse_challenge
 from stowage.upstream.parent import EVERY_REGISTRY, PARENT_BACKOFF, Parent
 
 MAX_REDIRECTS = 5
-READ_BUFSIZE = 1024 * 1024
+READ_BUFSIZE = 256 * 1024
 # Without a Retry-After, a 429 still pauses requests to that registry this long;
 # with one, it is honoured up to the cap (a broken header must not stall us for days).
 DEFAULT_BACKOFF = 5.0
@@ -131,7 +131,7 @@ class Upstream:
             # Blobs must pass through byte for byte: never decode a body.
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
-            # Larger reads mean fewer trips through the parser for multi-GB blobs.
+            # Reads of up to this much: few trips through the parser, little memory per fill.
             read_bufsize=READ_BUFSIZE,
             timeout=self._timeout(),
         )
