@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,24 @@ def test_pin_unpin_and_release(
         assert not blob_path(st, digest).exists()
     # A pull after the release fetches it again and serves it right.
     pull(st, registry, app)
+
+
+def test_a_locked_index_is_503_not_500(
+    stowage_factory: StowageFactory, registry: Registry, token: tuple[Path, str]
+) -> None:
+    """An index write that cannot happen (here another process holds the write lock
+    past the busy timeout; a full disk does the same) is a 503 naming it."""
+    st = stowage_factory(upstreams=[registry], extra_args=[f"--admin-token-file={token[0]}"])
+    image = f"{registry.host}/library/app:1"
+    holder = sqlite3.connect(st.data_dir / "index.db", isolation_level=None, timeout=10)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        status, body = _call(st, "PUT", "pins", image, token[1])
+    finally:
+        holder.close()
+    assert status == 503, body
+    assert "cache index cannot be written now" in body["errors"][0]["message"]
+    assert "locked" in body["errors"][0]["message"]
+    status, body = _call(st, "PUT", "pins", image, token[1])  # the lock gone: it works
+    assert (status, body["pinned"]) == (200, True), body
+    assert "Traceback" not in st.log_text()

@@ -11,7 +11,10 @@ token. Routes (``image`` is a reference, normalised like ``docker pull`` does):
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
@@ -69,16 +72,29 @@ class Admin:
 
     async def pin(self, request: web.Request) -> web.Response:
         ref = self._check(request)
-        added = pin(self.index.db, ref.registry, ref.repository, ref.ref)
+        with _index_write():
+            added = pin(self.index.db, ref.registry, ref.repository, ref.ref)
         return web.json_response({"image": str(ref), "pinned": True, "changed": added})
 
     async def unpin(self, request: web.Request) -> web.Response:
         ref = self._check(request)
-        removed = unpin(self.index.db, ref.registry, ref.repository, ref.ref)
+        with _index_write():
+            removed = unpin(self.index.db, ref.registry, ref.repository, ref.ref)
         return web.json_response({"image": str(ref), "pinned": False, "changed": removed})
 
     async def release(self, request: web.Request) -> web.Response:
         ref = self._check(request)
-        unpin(self.index.db, ref.registry, ref.repository, ref.ref)
+        with _index_write():
+            unpin(self.index.db, ref.registry, ref.repository, ref.ref)
         self.index.release(ref.registry, ref.repository, ref.tag, ref.digest)
         return web.json_response({"image": str(ref), "released": True})
+
+
+@contextlib.contextmanager
+def _index_write() -> Iterator[None]:
+    """A write the index refuses (disk full, locked past its timeout) is the caller's to
+    retry: 503 with the reason, never a 500."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise OCIError(503, "UNAVAILABLE", f"cache index cannot be written now: {exc}") from None

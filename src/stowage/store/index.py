@@ -155,6 +155,29 @@ class Index:
         self.flush()
         self.db.close()
 
+    def _copy_from(self, uri: str) -> None:
+        src = sqlite3.connect(uri, uri=True)
+        try:
+            src.backup(self.db)
+        finally:
+            src.close()
+
+    def load_read_only(self, path: Path) -> None:
+        """Fill this (in-memory) index with a copy of the index at ``path``, opened
+        read-only: a cache on a read-only disk still serves what it holds, and what
+        happens meanwhile is remembered until the process ends, never written."""
+        if not path.is_file():
+            raise sqlite3.OperationalError(f"no index at {path}")
+        uri = path.absolute().as_uri()
+        try:
+            # Sees the WAL's commits, but needs its -shm file to be there already.
+            self._copy_from(f"{uri}?mode=ro")
+        except sqlite3.Error:
+            # Without one (a clean shutdown removes it), only immutable opens work.
+            self._copy_from(f"{uri}?immutable=1")
+        self.db.executescript(SCHEMA)  # an index from an older version gains new tables
+        self._invalidate()
+
     # -- freshness of the in-memory copy -------------------------------------
 
     def _data_version(self) -> int:
@@ -555,10 +578,20 @@ def open_index(data: Path) -> tuple[BlobStore, Index]:
     with contextlib.suppress(OSError):
         data.mkdir(parents=True, exist_ok=True)
     store = BlobStore(data)
+    path = data / "index.db"
     try:
-        return store, Index(data / "index.db")
+        return store, Index(path)
     except sqlite3.Error as exc:
-        log.warning(
-            "index unavailable: caching is off", path=str(data / "index.db"), error=str(exc)
-        )
-        return store, Index(Path(":memory:"))
+        index = Index(Path(":memory:"))
+        try:
+            index.load_read_only(path)
+        except sqlite3.Error as ro_exc:
+            log.warning("index unavailable: caching is off", path=str(path), error=str(exc))
+            log.debug("index not readable either", path=str(path), error=str(ro_exc))
+        else:
+            log.warning(
+                "index not writable: serving what is cached, caching is off",
+                path=str(path),
+                error=str(exc),
+            )
+        return store, index
