@@ -18,9 +18,8 @@ from multidict import CIMultiDict
 from stowage.oci.manifest import MAX_MANIFEST_SIZE, UPSTREAM_ACCEPT
 from stowage.oci.reference import api_host
 from stowage.upstream.auth import Challenge, Credentials, parse_challenge
-from stowage.upstream.parent import EVERY_REGISTRY, PARENT_BACKOFF, Parent
+from stowage.upstream.parent import EVERY_REGISTRY, MAX_REDIRECTS, PARENT_BACKOFF, Parent
 
-MAX_REDIRECTS = 5
 READ_BUFSIZE = 256 * 1024
 # Without a Retry-After, a 429 still pauses requests to that registry this long;
 # with one, it is honoured up to the cap (a broken header must not stall us for days).

@@ -47,7 +47,7 @@ log = structlog.get_logger("stowage.parent")
 
 # How long a failing parent is left alone before it is asked again.
 PARENT_BACKOFF = 5.0
-MAX_REDIRECTS = 5
+MAX_REDIRECTS = 5  # followed for one request (CDNs), by this and the upstream client
 API_VERSION = "Docker-Distribution-API-Version"
 EVERY_REGISTRY = ""  # back-off key: the whole parent
 RESULTS = ("ok", "private", "fallback", "skipped", "mismatch")
