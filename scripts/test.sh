@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(docker-registry skopeo containerd apache2-utils)
+python3 -m uv --version >/dev/null 2>&1 || python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -14,7 +15,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv
+if ! python3 -m uv --version >/dev/null 2>&1; then
+  # A Debian system Python refuses pip installs (PEP 668) unless told otherwise.
+  python3 -m pip install -q uv 2>/dev/null || python3 -m pip install -q --break-system-packages uv
+fi
 uv() { python3 -m uv "$@"; }
 uv sync -q --frozen
 
