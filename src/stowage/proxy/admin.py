@@ -86,7 +86,7 @@ class Admin:
         ref = self._check(request)
         with _index_write():
             unpin(self.index.db, ref.registry, ref.repository, ref.ref)
-        self.index.release(ref.registry, ref.repository, ref.tag, ref.digest)
+            self.index.release(ref.registry, ref.repository, ref.tag, ref.digest)
         return web.json_response({"image": str(ref), "released": True})
 
 

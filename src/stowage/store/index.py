@@ -433,7 +433,6 @@ class Index:
         self._invalidate()
         return removed
 
-    @tolerant
     def release(self, registry: str, repository: str, tag: str | None, digest: str | None) -> None:
         """Drop the names of an image (as remove_image does) but keep its rows: online
         garbage collection deletes what no name reaches any more once it has been unused
