@@ -260,7 +260,7 @@ def load_layered(cls: type[S], config_file: Path | None = None, **flags: Any) ->
     """``cls`` from flags (None = not given), environment and config file."""
     if config_file is None and os.environ.get("STOWAGE_CONFIG"):
         config_file = Path(os.environ["STOWAGE_CONFIG"])
-    file_values = _read_yaml(config_file) if config_file else {}
+    file_values = _read_yaml(config_file, cls) if config_file else {}
     given = {k: v for k, v in flags.items() if v is not None and v != ()}
 
     class _Layered(cls):  # type: ignore[valid-type,misc]
@@ -285,7 +285,7 @@ def load_layered(cls: type[S], config_file: Path | None = None, **flags: Any) ->
         raise ConfigError(f"invalid configuration: {problems}") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, cls: type[BaseSettings]) -> dict[str, Any]:
     try:
         doc = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -297,7 +297,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path} must be a mapping of option: value")
     values = {str(k).replace("-", "_"): v for k, v in doc.items()}
-    unknown = sorted(set(values) - set(Settings.model_fields))
+    unknown = sorted(set(values) - set(cls.model_fields))
     if unknown:
         raise ConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
     return values

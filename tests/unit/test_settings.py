@@ -72,3 +72,23 @@ def test_bad_config_is_named(tmp_path: Path, content: str, message: str) -> None
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "absent.yaml")
+
+
+def test_cluster_commands_read_their_own_options_from_yaml(tmp_path: Path) -> None:
+    from stowage.agent.config import AgentSettings
+    from stowage.operator.config import OperatorSettings
+    from stowage.settings import load_layered
+
+    agent_cfg = tmp_path / "agent.yaml"
+    agent_cfg.write_text("node-name: node-a\nmirror: [docker.io, ghcr.io]\nkubeconfig: /k.yaml\n")
+    agent = load_layered(AgentSettings, agent_cfg)
+    assert (agent.node_name, agent.mirror) == ("node-a", ["docker.io", "ghcr.io"])
+    assert agent.kubeconfig == Path("/k.yaml")
+    operator_cfg = tmp_path / "operator.yaml"
+    operator_cfg.write_text("namespace: ops\nexpiry: 2d\n")
+    operator = load_layered(OperatorSettings, operator_cfg)
+    assert (operator.namespace, operator.expiry) == ("ops", 2 * 86400)
+    # An option of another command is still unknown here.
+    operator_cfg.write_text("namespace: ops\nmirror: [docker.io]\n")
+    with pytest.raises(ConfigError, match="unknown option"):
+        load_layered(OperatorSettings, operator_cfg)
