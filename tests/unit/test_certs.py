@@ -505,9 +505,36 @@ async def test_keep_fresh_retries_failures_with_backoff_and_never_raises(
         )
     assert len(calls) == 4
     gaps = [b - a for a, b in itertools.pairwise(calls)]
-    assert gaps[0] >= 0.02 and gaps[1] >= 0.04 and gaps[2] >= 0.08  # exponential
+    # exponential: 0.02, 0.04, 0.08 s, each with up to 20 % jitter (stowage.timing.backoff)
+    assert gaps[0] >= 0.016 and gaps[1] >= 0.032 and gaps[2] >= 0.064
     failures = [e for e in logs if e["event"] == "webhook certificate reconcile failed"]
     assert [e["error"] for e in failures] == ["apiserver down", "API error 500 boom", "again"]
+
+
+async def test_keep_fresh_is_ready_after_its_first_good_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator starts its webhook on ``ready``: not while passes fail."""
+    stop, ready = asyncio.Event(), asyncio.Event()
+    fake, calls = _fake_ensure([RuntimeError("apiserver down"), _state(DAY)], stop)
+    seen: list[bool] = []
+
+    async def watch() -> None:
+        while len(calls) < 2:
+            seen.append(ready.is_set())
+            await asyncio.sleep(0.001)
+
+    monkeypatch.setattr(certs, "ensure", fake)
+    watcher = asyncio.create_task(watch())
+    await asyncio.wait_for(
+        certs.keep_fresh(
+            None, _cfg(tmp_path), interval=60, stop=stop, ready=ready, min_backoff=0.05
+        ),  # type: ignore[arg-type]
+        10,
+    )
+    await watcher
+    assert seen and not any(seen)  # not ready while the first pass had failed
+    assert ready.is_set()
 
 
 async def test_keep_fresh_wakes_early_when_the_cert_is_due(

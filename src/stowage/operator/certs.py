@@ -36,7 +36,7 @@ import ipaddress
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -48,6 +48,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes_asyncio import client as k8s
+
+from stowage.timing import backoff, wait_any
 
 log = structlog.get_logger("stowage.certs")
 
@@ -614,49 +616,41 @@ def _describe(e: Exception) -> str:
     return str(e) or repr(e)
 
 
-@dataclass
-class _Backoff:
-    initial: float
-    maximum: float
-    current: float = field(init=False, default=0.0)
-
-    def next(self) -> float:
-        self.current = min(self.maximum, self.current * 2 if self.current else self.initial)
-        return self.current
-
-    def reset(self) -> None:
-        self.current = 0.0
-
-
 async def keep_fresh(
     api: k8s.ApiClient,
     cfg: CertConfig,
     interval: float = 3600.0,
     stop: asyncio.Event | None = None,
     *,
+    ready: asyncio.Event | None = None,
     min_backoff: float = 1.0,
     max_backoff: float = 300.0,
 ) -> None:
     """``ensure`` now, then every ``interval`` seconds, sooner when something is due.
 
-    Failures are logged and retried with exponential backoff; a missing webhook
+    ``ready`` is set once the certificate files are in place (the webhook server can
+    start). Failures are logged and retried with exponential backoff; a missing webhook
     configuration is retried the same way. Returns when ``stop`` is set; never raises
     except on cancellation.
     """
     stop = stop or asyncio.Event()
-    backoff = _Backoff(min_backoff, min(max_backoff, interval))
+    ceiling = min(max_backoff, interval)
+    failures = 0  # passes in a row that failed or found no webhook configuration
     while not stop.is_set():
         try:
             state = await ensure(api, cfg)
         except Exception as e:
-            delay = backoff.next()
+            failures += 1
+            delay = backoff(failures, min_backoff, ceiling)
             log.warning("webhook certificate reconcile failed", error=_describe(e), retry_in=delay)
         else:
+            if ready is not None:
+                ready.set()
             until_due = (state.renew_at - datetime.now(UTC)).total_seconds()
             delay = max(min_backoff, min(interval, until_due))
             if state.ca_bundle == "missing":
-                delay = min(delay, backoff.next())
+                failures += 1
+                delay = min(delay, backoff(failures, min_backoff, ceiling))
             else:
-                backoff.reset()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=delay)
+                failures = 0
+        await wait_any(stop.wait, seconds=delay)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import signal
 import tempfile
@@ -13,7 +14,6 @@ from pathlib import Path
 import aiohttp
 import kopf
 import structlog
-from kubernetes_asyncio import client as k8s
 
 from stowage.kubeclient import KubeConfigError, api_client
 from stowage.operator import certs
@@ -21,6 +21,7 @@ from stowage.operator.config import OperatorSettings
 from stowage.operator.controller import Pacer, Runtime, register
 from stowage.operator.rewrite import RewritePolicy
 from stowage.settings import split_listen
+from stowage.timing import wait_any
 
 log = structlog.get_logger("stowage.operator")
 
@@ -105,17 +106,15 @@ async def run_operator(settings: OperatorSettings) -> None:
                 cert_dir=cert_dir,
                 extra_sans=tuple(settings.webhook_host),
             )
-            # The webhook cannot start without a certificate: wait for the first one.
-            while True:
-                try:
-                    await certs.ensure(api, cfg)
-                    break
-                except k8s.ApiException as exc:
-                    log.warning(
-                        "webhook certificate not ready", status=exc.status, reason=exc.reason
-                    )
-                    await asyncio.sleep(2)
-            tasks.append(asyncio.create_task(certs.keep_fresh(api, cfg, stop=stop)))
+            # The webhook cannot start without a certificate: wait for the first one
+            # (keep_fresh retries and logs until then), or for a signal to stop.
+            ready = asyncio.Event()
+            tasks.append(asyncio.create_task(certs.keep_fresh(api, cfg, stop=stop, ready=ready)))
+            await wait_any(ready.wait, stop.wait, seconds=math.inf)
+            if stop.is_set():
+                await _cancel(tasks)
+                await api.close()
+                return
 
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
         async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -144,8 +143,12 @@ async def run_operator(settings: OperatorSettings) -> None:
                 )
             finally:
                 await metrics_runner.cleanup()
-                for task in tasks:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                await _cancel(tasks)
                 await api.close()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
