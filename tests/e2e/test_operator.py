@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -263,11 +264,16 @@ def test_cached_image_lifecycle(env: Env, namespace: str) -> None:
     # Pods go → expiresAt is set, phase Expiring, then the CachedImage is deleted.
     for pod in ("user-1", "user-2"):
         env.kube.ok("DELETE", f"/api/v1/namespaces/{namespace}/pods/{pod}?gracePeriodSeconds=0")
-    ci = env.wait_cached_image(image, lambda ci: bool(ci["spec"].get("expiresAt")), timeout=20)
+    ci = env.wait_cached_image(
+        image,
+        lambda ci: bool(ci["spec"].get("expiresAt")) and ci["status"].get("phase") == "Expiring",
+        timeout=20,
+    )
     assert ci["status"]["usedBy"]["count"] == 0
     wait_until(lambda: image not in env.cached_images(), timeout=EXPIRY + 20, interval=0.2)
     metrics = env.operator.metrics()
-    assert "stowage_operator_expired_total" in metrics
+    expired = re.search(r"^stowage_operator_expired_total (\S+)$", metrics, re.MULTILINE)
+    assert expired is not None and float(expired[1]) >= 1, metrics
     assert 'stowage_operator_admissions_total{result="rewritten"}' in metrics
     assert 'stowage_operator_prefetches_total{result="ok"}' in metrics
     # Released in the cluster cache: no name, no pin; its garbage collection reclaims it.

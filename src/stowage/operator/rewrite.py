@@ -66,12 +66,15 @@ class RewritePolicy:
             return False
         return not any(p.search(text) for p in self.exclude)
 
+    def proxies(self, image: str) -> bool:
+        """Whether ``image`` is already pulled through the proxy."""
+        return image.startswith(self.proxy + "/")
+
     def source_of(self, image: str) -> Reference | None:
         """The upstream image an already-proxied ``image`` stands for, else None."""
-        prefix = self.proxy + "/"
-        if not image.startswith(prefix):
+        if not self.proxies(image):
             return None
-        component, _, rest = image[len(prefix) :].partition("/")
+        component, _, rest = image[len(self.proxy) + 1 :].partition("/")
         registry = decode_registry_component(component)
         if registry is None or not rest:
             return None
@@ -114,7 +117,7 @@ def plan(
             name = container.get("name", f"{fld}[{i}]")
             if not isinstance(image, str) or not image:
                 continue
-            if image.startswith(policy.proxy + "/"):
+            if policy.proxies(image):
                 continue  # already through the proxy: idempotent, and reinvocation-safe
             try:
                 ref = parse_reference(image)
@@ -138,17 +141,19 @@ def plan(
 def merged_annotation(existing: str | None, originals: Mapping[str, str]) -> str:
     """The original-images annotation with ``originals`` added; earlier entries win
     (a reinvoked webhook must not record a proxied image as an original)."""
-    merged: dict[str, str] = {}
-    if existing:
-        try:
-            doc = json.loads(existing)
-        except json.JSONDecodeError:
-            doc = {}
-        if isinstance(doc, dict):
-            merged = {str(k): str(v) for k, v in doc.items()}
+    merged = _originals(existing)
     for name, image in originals.items():
         merged.setdefault(name, image)
     return json.dumps(merged, sort_keys=True, separators=(",", ":"))
+
+
+def _originals(raw: str | None) -> dict[str, str]:
+    """Container name → original image, from the annotation ({} when absent or unreadable)."""
+    try:
+        doc = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+    return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
 
 
 def source_images(policy: RewritePolicy, pod: Mapping[str, Any]) -> set[str]:
@@ -156,20 +161,12 @@ def source_images(policy: RewritePolicy, pod: Mapping[str, Any]) -> set[str]:
     recorded originals of its rewritten containers, and images naming the proxy directly."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
-    originals: dict[str, str] = {}
-    raw = (meta.get("annotations") or {}).get(ORIGINAL_IMAGES)
-    if raw:
-        try:
-            doc = json.loads(raw)
-            if isinstance(doc, dict):
-                originals = {str(k): str(v) for k, v in doc.items()}
-        except json.JSONDecodeError:
-            pass
+    originals = _originals((meta.get("annotations") or {}).get(ORIGINAL_IMAGES))
     out: set[str] = set()
     for fld in CONTAINER_FIELDS:
         for container in spec.get(fld) or ():
             image = container.get("image")
-            if not isinstance(image, str) or not image.startswith(policy.proxy + "/"):
+            if not isinstance(image, str) or not policy.proxies(image):
                 continue
             original = originals.get(container.get("name", ""))
             ref: Reference | None = None
