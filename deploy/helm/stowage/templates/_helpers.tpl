@@ -71,7 +71,7 @@ Object names.
 {{- if .Values.operator.serviceAccount.create }}
 {{- default (printf "%s-operator" (include "stowage.fullname" .)) .Values.operator.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.operator.serviceAccount.name }}
+{{- required "operator.serviceAccount.name: with serviceAccount.create=false, name the existing ServiceAccount the operator's roles are bound to" .Values.operator.serviceAccount.name }}
 {{- end }}
 {{- end }}
 
