@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
+from kubernetes_asyncio import client as k8s
 
 from stowage.agent.cri import Image
-from stowage.agent.prepull import credentials_from_secret, pull_name, repo_digest, selects
+from stowage.agent.prepull import (
+    Outcome,
+    PrePuller,
+    credentials_from_secret,
+    pull_name,
+    repo_digest,
+    selects,
+)
 from stowage.oci.reference import parse_reference
 
 
@@ -67,3 +77,48 @@ def test_credentials_from_legacy_dockercfg_and_garbage() -> None:
     assert credentials_from_secret(legacy, "registry.local:5000") == ("u", "p")
     assert credentials_from_secret({"data": {".dockerconfigjson": "!!"}}, "docker.io") is None
     assert credentials_from_secret({}, "docker.io") is None
+
+
+class _StatusAPI:
+    """Refuses the first status patch (a 503 from the API server), then takes them."""
+
+    def __init__(self) -> None:
+        self.patches: list[dict[str, object]] = []
+        self.refuse = 1
+
+    async def patch_namespaced_custom_object_status(self, *args: object, **kw: object) -> None:
+        if self.refuse:
+            self.refuse -= 1
+            raise k8s.ApiException(status=503, reason="Service Unavailable")
+        self.patches.append(args[5])  # type: ignore[arg-type]
+
+
+async def test_a_refused_status_write_is_made_again(tmp_path: Path) -> None:
+    fake = _StatusAPI()
+
+    class Puller(PrePuller):
+        @property
+        def objects(self) -> Any:
+            return fake
+
+    puller = Puller(
+        k8s.ApiClient(),
+        None,  # type: ignore[arg-type]  # no CRI call in _report
+        node="node-a",
+        proxy_address="localhost:7439",
+        mirrored=set(),
+        disk_threshold=0.9,
+        state_dir=tmp_path,
+    )
+    name = "localhost:7439/docker.io/library/app:1"
+    puller.outcomes[name] = Outcome("docker.io/library/app:1", "Pulled", at=1.0)
+    cache = {"metadata": {"namespace": "ns", "name": "ic"}, "spec": {"images": ["app:1"]}}
+    per_cache = {("ns", "ic"): [name]}
+    await puller._report([cache], per_cache, [cache])  # refused
+    assert fake.patches == []
+    await puller._report([cache], per_cache, [cache])  # unchanged, but never written
+    await puller._report([cache], per_cache, [cache])  # written: nothing more to say
+    assert len(fake.patches) == 1
+    (entry,) = fake.patches[0]["status"]["nodes"]["node-a"]["images"]  # type: ignore[index]
+    assert (entry["image"], entry["state"]) == ("docker.io/library/app:1", "Pulled")
+    await puller.api.close()

@@ -11,7 +11,6 @@ ImageCache's status, only when it changed.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import json
 import os
@@ -397,14 +396,14 @@ class PrePuller:
             comparable = [{k: v for k, v in e.items() if k != "time"} for e in entries]
             if self.written.get(key) == comparable:
                 continue
-            await self._patch_status(
+            if await self._patch_status(
                 key,
                 {
                     "images": len((ic.get("spec") or {}).get("images") or []),
                     "nodes": {self.node: {"updated": iso(time.time()), "images": entries}},
                 },
-            )
-            self.written[key] = comparable
+            ):
+                self.written[key] = comparable  # else written again next pass
         selected = {(ic["metadata"]["namespace"], ic["metadata"]["name"]) for ic in caches}
         for ic in every:
             key = (ic["metadata"]["namespace"], ic["metadata"]["name"])
@@ -413,9 +412,10 @@ class PrePuller:
                 await self._patch_status(key, {"nodes": {self.node: None}})
                 self.written.pop(key, None)
 
-    async def _patch_status(self, key: tuple[str, str], status: Mapping[str, Any]) -> None:
-        # A merge patch of this node's key only: agents on other nodes never conflict.
-        with contextlib.suppress(k8s.ApiException):
+    async def _patch_status(self, key: tuple[str, str], status: Mapping[str, Any]) -> bool:
+        """A merge patch of this node's key only (agents on other nodes never conflict);
+        False, logged, when the API refused it."""
+        try:
             await self.objects.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
                 GROUP,
                 VERSION,
@@ -425,3 +425,12 @@ class PrePuller:
                 {"status": status},
                 _content_type=MERGE_PATCH,
             )
+        except k8s.ApiException as exc:
+            log.warning(
+                "ImageCache status not written",
+                imagecache="/".join(key),
+                status=exc.status,
+                reason=exc.reason,
+            )
+            return False
+        return True
