@@ -28,3 +28,11 @@ async def api_client(kubeconfig: Path | None) -> k8s.ApiClient:
     except (k8s_config.ConfigException, OSError) as exc:
         raise KubeConfigError(f"no Kubernetes configuration: {exc}") from None
     return k8s.ApiClient()
+
+
+def describe(exc: BaseException) -> str:
+    """An error for a log line: an API error as its status and reason (str() of one
+    dumps its headers and body)."""
+    if isinstance(exc, k8s.ApiException):
+        return f"API error {exc.status} {exc.reason}"
+    return str(exc) or repr(exc)

@@ -309,3 +309,43 @@ def test_mirror_config_follows_the_proxy_and_is_uninstalled(
     assert mirrored()  # stopping leaves it: containerd falls back from a refused mirror
     agent_factory(node, stowage)
     assert hosts.read_text() == original
+
+
+def test_a_failing_side_task_stops_the_agent_with_its_error(
+    kube: KubeAPI,
+    node: str,
+    registry: Registry,
+    containerd: Containerd,
+    stowage_factory: StowageFactory,
+    tmp_path: Path,
+) -> None:
+    """A mirror config the agent must not touch (someone's file, and a backup beside it
+    that differs): the mirror guard fails, and the agent exits non-zero naming it instead
+    of running on without its mirror."""
+    stowage = stowage_factory(upstreams=[registry])
+    hosts = containerd.hosts_dir / registry.host / "hosts.toml"
+    hosts.parent.mkdir(parents=True, exist_ok=True)
+    hosts.write_text('server = "http://mine"\n')
+    backup = hosts.with_name("hosts.toml.stowage-backup")
+    backup.write_text('server = "http://older"\n')
+    agent = Agent(
+        kube,
+        tmp_path / "agent",
+        node=node,
+        cri_endpoint=containerd.cri_endpoint,
+        proxy_address=stowage.host,
+        proxy_url=stowage.url,
+        config_path=containerd.hosts_dir,
+        extra_args=[f"--mirror=http://{registry.host}"],
+    )
+    agent.process.start()
+    try:
+        wait_until(lambda: not agent.process.running(), timeout=30, describe=agent.log_tail)
+    finally:
+        code = agent.process.stop()
+    log = agent.log_tail(80)
+    assert code not in (0, None), log
+    assert "agent task failed" in log and "mirror guard" in log, log
+    assert "Traceback" not in log
+    assert hosts.read_text() == 'server = "http://mine"\n'  # nothing touched
+    assert backup.read_text() == 'server = "http://older"\n'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -24,9 +25,9 @@ from stowage.agent.prepull import (
     AgentMetrics,
     PrePuller,
 )
-from stowage.kubeclient import MERGE_PATCH, KubeConfigError, api_client
+from stowage.kubeclient import MERGE_PATCH, KubeConfigError, api_client, describe
 from stowage.settings import split_listen
-from stowage.timing import wait_any
+from stowage.timing import backoff, wait_any
 
 log = structlog.get_logger("stowage.agent")
 
@@ -112,26 +113,30 @@ async def lift_taint(
     while not stop.is_set() and not await proxy_ready(http, settings):
         await wait_any(stop.wait, seconds=1.0)
     core = k8s.CoreV1Api(api)
+    failures = 0
     while not stop.is_set():
-        node = await core.read_node(settings.node_name)
-        taints = node.spec.taints or []
-        kept = [t for t in taints if t.key != TAINT_KEY]
-        if len(kept) == len(taints):
-            return
-        body = {
-            # The resourceVersion makes this a compare-and-swap: taints written meanwhile
-            # by others are not lost (409, read again).
-            "metadata": {"resourceVersion": node.metadata.resource_version},
-            "spec": {"taints": [api.sanitize_for_serialization(t) for t in kept] or None},
-        }
         try:
+            node = await core.read_node(settings.node_name)
+            taints = node.spec.taints or []
+            kept = [t for t in taints if t.key != TAINT_KEY]
+            if len(kept) == len(taints):
+                return
+            body = {
+                # The resourceVersion makes this a compare-and-swap: taints written
+                # meanwhile by others are not lost (409, read again).
+                "metadata": {"resourceVersion": node.metadata.resource_version},
+                "spec": {"taints": [api.sanitize_for_serialization(t) for t in kept] or None},
+            }
             await core.patch_node(  # type: ignore[call-arg]
                 settings.node_name, body, _content_type=MERGE_PATCH
             )
-        except k8s.ApiException as exc:
-            if exc.status == 409:
-                continue
-            raise
+        except (k8s.ApiException, aiohttp.ClientError) as exc:
+            if isinstance(exc, k8s.ApiException) and exc.status == 409:
+                continue  # the node changed meanwhile: read it again
+            failures += 1
+            log.warning("start-up taint not removed yet", error=describe(exc))
+            await wait_any(stop.wait, seconds=backoff(failures, 1.0, 60.0))
+            continue
         log.info("start-up taint removed", node=settings.node_name, taint=TAINT_KEY)
         return
 
@@ -148,8 +153,6 @@ async def watch_changes(api: k8s.ApiClient, settings: AgentSettings, wake: async
                 async with k8s_watch.Watch() as w:
                     async for _ in w.stream(list_fn, *args, timeout_seconds=300, **kwargs):
                         wake.set()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # a watch that breaks is restarted, never fatal
                 log.debug("watch restarted", error=str(exc))
                 await asyncio.sleep(5)
@@ -209,6 +212,22 @@ async def run_agent(settings: AgentSettings) -> None:
     health = await _health(settings, metrics)
     wake = asyncio.Event()
     tasks: list[asyncio.Task[Any]] = []
+    failed: list[str] = []
+
+    def start(coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A side task of the agent; if it fails, the agent stops with its error (the
+        DaemonSet restarts it) instead of running on without it."""
+
+        def done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("agent task failed", task=name, error=str(task.exception()))
+                failed.append(f"{name}: {task.exception()}")
+                stop.set()
+
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(done)
+        tasks.append(task)
+
     try:
         async with CRIClient(settings.cri_socket) as cri, aiohttp.ClientSession() as http:
             try:
@@ -223,10 +242,10 @@ async def run_agent(settings: AgentSettings) -> None:
             except CRIError as exc:
                 log.error("runtime not reachable; retrying", error=str(exc))
             if settings.mirror:
-                tasks.append(asyncio.create_task(guard_mirror(settings, http, stop)))
+                start(guard_mirror(settings, http, stop), "mirror guard")
             if settings.remove_taint:
-                tasks.append(asyncio.create_task(lift_taint(api, settings, http, stop)))
-            tasks.append(asyncio.create_task(watch_changes(api, settings, wake)))
+                start(lift_taint(api, settings, http, stop), "start-up taint")
+            start(watch_changes(api, settings, wake), "watch")
             puller = PrePuller(
                 api,
                 cri,
@@ -252,3 +271,5 @@ async def run_agent(settings: AgentSettings) -> None:
                 await task
         await health.cleanup()
         await api.close()
+    if failed:
+        raise AgentError("; ".join(failed))

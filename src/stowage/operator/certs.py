@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes_asyncio import client as k8s
 
+from stowage.kubeclient import describe
 from stowage.timing import backoff, wait_any
 
 log = structlog.get_logger("stowage.certs")
@@ -610,12 +611,6 @@ async def ensure(api: k8s.ApiClient, cfg: CertConfig, now: datetime | None = Non
     )
 
 
-def _describe(e: Exception) -> str:
-    if isinstance(e, k8s.ApiException):
-        return f"API error {e.status} {e.reason}"  # str() would dump headers and body
-    return str(e) or repr(e)
-
-
 async def keep_fresh(
     api: k8s.ApiClient,
     cfg: CertConfig,
@@ -642,7 +637,7 @@ async def keep_fresh(
         except Exception as e:
             failures += 1
             delay = backoff(failures, min_backoff, ceiling)
-            log.warning("webhook certificate reconcile failed", error=_describe(e), retry_in=delay)
+            log.warning("webhook certificate reconcile failed", error=describe(e), retry_in=delay)
         else:
             if ready is not None:
                 ready.set()
