@@ -13,7 +13,6 @@ import structlog
 from aiohttp import web
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import watch as k8s_watch
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stowage.agent import mirror
 from stowage.agent.config import TAINT_KEY, AgentSettings
@@ -26,6 +25,7 @@ from stowage.agent.prepull import (
     PrePuller,
 )
 from stowage.kubeclient import MERGE_PATCH, KubeConfigError, api_client, describe
+from stowage.metrics import serve_metrics
 from stowage.settings import split_listen
 from stowage.timing import backoff, wait_any
 
@@ -165,23 +165,12 @@ async def watch_changes(api: k8s.ApiClient, settings: AgentSettings, wake: async
 
 async def _health(settings: AgentSettings, metrics: AgentMetrics) -> web.AppRunner:
     """GET /healthz and the Prometheus /metrics on --health-listen."""
-    app = web.Application()
 
     async def ok(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    async def scrape(_: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    app.router.add_get("/healthz", ok)
-    app.router.add_get("/metrics", scrape)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
     host, port = split_listen(settings.health_listen)
-    await web.TCPSite(runner, host, port).start()
-    return runner
+    return await serve_metrics(metrics.registry, host, port, {"/healthz": ok})
 
 
 async def run_agent(settings: AgentSettings) -> None:

@@ -23,10 +23,11 @@ from typing import Any
 
 import structlog
 from kubernetes_asyncio import client as k8s
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import Counter, Gauge
 
 from stowage.agent.cri import CRIClient, CRIError, Image, ImageInUseError
 from stowage.kubeclient import MERGE_PATCH
+from stowage.metrics import new_registry
 from stowage.oci.reference import InvalidReference, Reference, parse_reference, proxied_reference
 from stowage.timing import backoff
 from stowage.units import parse_duration
@@ -151,7 +152,7 @@ class State:
 
 class AgentMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = new_registry()
         self.pulls = Counter(
             "stowage_agent_pulls",
             "Pre-pulls through the CRI, by result (pulled, failed, skipped).",

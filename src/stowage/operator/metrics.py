@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import Counter
 
+from stowage.metrics import new_registry, serve_metrics
 from stowage.settings import split_listen
-
-disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class OperatorMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = new_registry()
         self.admissions = Counter(
             "stowage_operator_admissions",
             "Pods the webhook saw, by result (rewritten, unchanged, skipped).",
@@ -44,15 +37,4 @@ class OperatorMetrics:
         )
 
     async def serve(self, listen: str) -> web.AppRunner:
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(
-                body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-            )
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        host, port = split_listen(listen)
-        await web.TCPSite(runner, host, port).start()
-        return runner
+        return await serve_metrics(self.registry, *split_listen(listen))

@@ -18,8 +18,8 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from stowage.metrics import exposition
 from stowage.oci.digest import Digest, InvalidDigest, UnsupportedDigest, is_digest
 from stowage.oci.manifest import Descriptor, InvalidManifest, parse_manifest
 from stowage.oci.reference import is_valid_tag
@@ -645,10 +645,7 @@ class Proxy:
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
         self.metrics.cache_size.set(self.index.total_size())
-        return web.Response(
-            body=generate_latest(self.metrics.registry),
-            headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST},
-        )
+        return exposition(self.metrics.registry)
 
 
 class CorkedFileResponse(web.FileResponse):

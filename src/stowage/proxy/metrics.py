@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import Counter, Gauge
 
+from stowage.metrics import new_registry
 from stowage.upstream.parent import RESULTS as PARENT_RESULTS
-
-# The *_created series only add noise to every scrape.
-disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = new_registry()
         self.requests = Counter(
             "stowage_requests",
             "Requests answered, by route and result (hit, miss, stale, error).",
