@@ -4,6 +4,7 @@ pre-pull through the node proxy, removal, disk threshold, start-up taint, mirror
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from stowage.agent.prepull import STATE_FILE
 from tests.conftest import SampleImages, StowageFactory
 from tests.support.agents import Agent
 from tests.support.containerd import CRI_NAMESPACE, Containerd
@@ -349,3 +351,35 @@ def test_a_failing_side_task_stops_the_agent_with_its_error(
     assert "Traceback" not in log
     assert hosts.read_text() == 'server = "http://mine"\n'  # nothing touched
     assert backup.read_text() == 'server = "http://older"\n'
+
+
+def test_an_image_pulled_by_someone_else_is_never_removed(
+    kube: KubeAPI,
+    namespace: str,
+    node: str,
+    registry: Registry,
+    images: SampleImages,
+    containerd: Containerd,
+    stowage_factory: StowageFactory,
+    agent_factory: AgentFactory,
+) -> None:
+    """A tag kubelet pulled before the agent was asked for it: the agent keeps it fresh,
+    but dropping it from the ImageCache leaves it in the runtime (the agent removes only
+    what it brought)."""
+    stowage = stowage_factory(upstreams=[registry])
+    name = f"{stowage.host}/{registry.path_prefix}/library/app:1"
+    containerd.ctr("images", "pull", "--plain-http", name, namespace=CRI_NAMESPACE)
+    agent = agent_factory(node, stowage)
+    ref = f"{registry.host}/library/app:1"
+    _image_cache(kube, namespace, "kubelets", [ref], {"stowage.dev/prepull": node})
+    wait_until(
+        lambda: [e["state"] for e in _node_status(kube, namespace, "kubelets", node)] == ["Pulled"],
+        timeout=60,
+        interval=0.3,
+    )
+    state = agent.workdir / "state" / STATE_FILE
+    assert name in json.loads(state.read_text())  # kept fresh by the agent
+    kube.ok("DELETE", f"{IC.format(ns=namespace)}/kubelets")
+    wait_until(lambda: name not in json.loads(state.read_text()), timeout=30, interval=0.3)
+    assert name in _runtime_images(containerd)
+    assert "stowage_agent_removals_total 0.0" in agent.metrics()

@@ -59,11 +59,13 @@ class Want:
 
 @dataclass
 class Pulled:
-    """An image this agent pulled (persisted: only these are ever removed)."""
+    """An image this agent pulls (persisted). ``owned``: it was not in the runtime before
+    the agent's first pull; only those are ever removed."""
 
     image: str
     digest: str
     at: float
+    owned: bool = True
 
 
 @dataclass
@@ -291,6 +293,8 @@ class PrePuller:
             # Pulled by someone else (kubelet): keep it, but do not claim it for removal.
             self.outcomes[name] = Outcome(want.image, "Pulled", repo_digest(image), at=now)
             return RECHECK
+        # A tag someone else pulled is kept fresh, but stays theirs: never removed.
+        owned = pulled.owned if pulled is not None else image is None
         if now < self.retry_at.get(name, 0.0):
             return self.retry_at[name] - now
         if usage is not None and usage[0] * 100 >= self.disk_threshold:
@@ -301,7 +305,7 @@ class PrePuller:
             self.outcomes[name] = Outcome(want.image, "Skipped", reason=reason, at=now)
             self.metrics.pulls.labels("skipped").inc()
             return 60.0
-        return await self._pull(name, want)
+        return await self._pull(name, want, owned)
 
     async def _status(self, name: str) -> Image | None:
         """The image ``name`` names in the runtime; None when absent or unknown."""
@@ -310,7 +314,7 @@ class PrePuller:
         except CRIError:
             return None
 
-    async def _pull(self, name: str, want: Want) -> float:
+    async def _pull(self, name: str, want: Want, owned: bool) -> float:
         auth = await self._auth(want)
         started = time.time()
         self.outcomes[name] = Outcome(want.image, "Pulling", at=started)
@@ -331,7 +335,7 @@ class PrePuller:
         self.failures.pop(name, None)
         self.retry_at.pop(name, None)
         self.metrics.pulls.labels("pulled").inc()
-        self.state.pulled[name] = Pulled(want.image, digest, started)
+        self.state.pulled[name] = Pulled(want.image, digest, started, owned)
         self.state.save()
         log.info(
             "pre-pulled", image=want.image, digest=digest, seconds=round(time.time() - started, 2)
@@ -358,6 +362,11 @@ class PrePuller:
 
     async def _remove_unwanted(self, wanted: set[str]) -> None:
         unwanted = [n for n in self.state.pulled if n not in wanted]
+        for name in [n for n in unwanted if not self.state.pulled[n].owned]:
+            del self.state.pulled[name]  # someone else's: forgotten, left in the runtime
+            self.outcomes.pop(name, None)
+            self.state.save()
+            unwanted.remove(name)
         if not unwanted:
             return
         try:
