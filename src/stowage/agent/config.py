@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
+from stowage.agent.cri import DEFAULT_ENDPOINT
 from stowage.agent.mirror import DEFAULT_PROXY_URL
 from stowage.settings import ClusterSettings, http_url, positive_duration, split_listen
 
@@ -25,9 +26,7 @@ class AgentSettings(ClusterSettings):
         default_factory=_node_name,
         description="This node's name (default $NODE_NAME, else the host name).",
     )
-    cri_socket: str = Field(
-        "unix:///run/containerd/containerd.sock", description="The runtime's CRI socket."
-    )
+    cri_socket: str = Field(DEFAULT_ENDPOINT, description="The runtime's CRI socket.")
     proxy_address: str = Field(
         "localhost:7439",
         description="Node proxy HOST:PORT images are pulled through (host-prefixed, as the "

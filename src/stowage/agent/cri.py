@@ -276,24 +276,21 @@ class CRIClient:
         )
         return resp.image_ref
 
-    async def remove_image(
-        self, ref: str, *, force: bool = False, in_use: Collection[str] | None = None
-    ) -> bool:
+    async def remove_image(self, ref: str, *, in_use: Collection[str] | None = None) -> bool:
         """Remove the image ``ref`` names, under all its names (CRI semantics).
 
-        Returns False when no such image is present. Unless ``force``, raises
-        ``ImageInUseError`` when a container (in any state) uses the image: one of
-        ``in_use`` (ids, as ``images_in_use`` returns them) when given, so that a caller
-        removing several images lists containers once, else asked of the runtime now.
+        Returns False when no such image is present. Raises ``ImageInUseError`` when a
+        container (in any state) uses the image: one of ``in_use`` (ids, as
+        ``images_in_use`` returns them) when given, so that a caller removing several
+        images lists containers once, else asked of the runtime now.
         """
         image = await self.image_status(ref)
         if image is None:
             return False
-        if not force:
-            if in_use is None:
-                in_use = await self.images_in_use()
-            if image.id in in_use:
-                raise ImageInUseError(ref, image.id)
+        if in_use is None:
+            in_use = await self.images_in_use()
+        if image.id in in_use:
+            raise ImageInUseError(ref, image.id)
         await self._call(
             "RemoveImage",
             lambda: self._images.RemoveImage(

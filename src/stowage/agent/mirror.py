@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import stat
 import tempfile
 from collections.abc import Iterable
@@ -49,7 +48,6 @@ BACKUP_SUFFIX = ".stowage-backup"
 MANAGED_HEADER = "# Managed by stowage"
 
 # A Go duration as containerd parses it (time.ParseDuration), e.g. "2s", "500ms", "1m30s".
-_GO_DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ns|us|µs|ms|s|m|h))+")
 
 
 class MirrorConfigError(Exception):
@@ -112,16 +110,9 @@ class MirrorChanges:
 # --- rendering (pure) ---------------------------------------------------------------------
 
 
-def render_hosts_toml(
-    registry: MirroredRegistry,
-    proxy_url: str = DEFAULT_PROXY_URL,
-    *,
-    dial_timeout: str | None = DEFAULT_DIAL_TIMEOUT,
-) -> str:
+def render_hosts_toml(registry: MirroredRegistry, proxy_url: str = DEFAULT_PROXY_URL) -> str:
     """The ``hosts.toml`` that mirrors ``registry`` through ``proxy_url``."""
     proxy = validate_proxy_url(proxy_url)
-    if dial_timeout is not None and not _GO_DURATION.fullmatch(dial_timeout):
-        raise MirrorConfigError(f"dial timeout {dial_timeout!r} is not a duration such as 2s")
     subject = (
         registry.host
         if registry.server is not None
@@ -140,9 +131,8 @@ def render_hosts_toml(
         "",
         f"[host.{_toml_str(proxy)}]",
         '  capabilities = ["pull", "resolve"]',
+        f"  dial_timeout = {_toml_str(DEFAULT_DIAL_TIMEOUT)}",
     ]
-    if dial_timeout is not None:
-        lines.append(f"  dial_timeout = {_toml_str(dial_timeout)}")
     return "\n".join(lines) + "\n"
 
 
@@ -202,8 +192,6 @@ def install(
     config_path: Path,
     registries: Iterable[MirroredRegistry | str],
     proxy_url: str = DEFAULT_PROXY_URL,
-    *,
-    dial_timeout: str | None = DEFAULT_DIAL_TIMEOUT,
 ) -> MirrorChanges:
     """Mirror ``registries`` through ``proxy_url`` under containerd's ``config_path``.
 
@@ -225,7 +213,7 @@ def install(
     plan: list[tuple[Path, bytes]] = []
     for host, registry in wanted.items():
         path = host_directory(config_path, host) / HOSTS_FILE
-        text = render_hosts_toml(registry, proxy_url, dial_timeout=dial_timeout)
+        text = render_hosts_toml(registry, proxy_url)
         plan.append((path, text.encode()))
 
     # Check every file before touching any, so a refusal leaves the directory as it was.

@@ -26,6 +26,7 @@ from kubernetes_asyncio import client as k8s
 from prometheus_client import Counter, Gauge
 
 from stowage.agent.cri import CRIClient, CRIError, Image, ImageInUseError
+from stowage.agent.mirror import DEFAULT_HOST
 from stowage.kubeclient import MERGE_PATCH
 from stowage.metrics import new_registry
 from stowage.oci.reference import InvalidReference, Reference, parse_reference, proxied_reference
@@ -93,7 +94,7 @@ def pull_name(ref: Reference, mirrored: set[str], proxy_address: str) -> str:
     """The name the runtime pulls ``ref`` under: its own for a mirrored registry
     (containerd goes through the proxy by hosts.toml), else host-prefixed on the node
     proxy, the name the webhook gives pods, so that kubelet finds the image present."""
-    if "_default" in mirrored or ref.registry in mirrored:
+    if DEFAULT_HOST in mirrored or ref.registry in mirrored:
         return str(ref)
     return proxied_reference(ref, proxy_address)
 
