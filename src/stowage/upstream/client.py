@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from stowage.oci.manifest import MAX_MANIFEST_SIZE, UPSTREAM_ACCEPT
 from stowage.oci.reference import api_host
 from stowage.upstream.auth import Challenge, Credentials, parse_challenge
-from stowage.upstream.parent import EVERY_REGISTRY, MAX_REDIRECTS, PARENT_BACKOFF, Parent
+from stowage.upstream.parent import EVERY_REGISTRY, MAX_REDIRECTS, Parent
 
 READ_BUFSIZE = 256 * 1024
 # Without a Retry-After, a 429 still pauses requests to that registry this long;
@@ -86,7 +86,6 @@ class UpstreamConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     parent: str | None = None  # URL of a parent stowage, asked before the registries
-    parent_backoff: float = PARENT_BACKOFF
 
 
 RequestHook = Callable[[str, str], None]  # (registry, status or error kind)
@@ -111,7 +110,7 @@ class Upstream:
         self._on_request = on_request or (lambda registry, status: None)
         # Tried first for every request made with the configured identity (see parent.py).
         self.parent = (
-            Parent(config.parent, backoff=config.parent_backoff, on_result=on_parent)
+            Parent(config.parent, on_result=on_parent)
             if config.parent
             else None
         )

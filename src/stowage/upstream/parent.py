@@ -28,6 +28,7 @@ whether its answer stands:
 from __future__ import annotations
 
 import enum
+import functools
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -82,15 +83,25 @@ def parent_path(registry: str, repository: str, path: str) -> str:
     the prefix back to the same registry by itself; otherwise (hosts without a
     dot such as ``myreg:5000``, which only configured registries route, or
     IPv6 literals) in mirror mode, ``?ns=<registry>``, which is never ambiguous."""
+    prefix, query = _routing(registry)
+    if prefix is not None:
+        return f"/v2/{prefix}/{repository}/{path}"
+    sep = "&" if "?" in path else "?"
+    return f"/v2/{repository}/{path}{sep}{query}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _routing(registry: str) -> tuple[str | None, str]:
+    """(host prefix, or None) and the ``ns=`` query for ``registry``: per registry, not
+    per request (the checks behind them run regexes)."""
     registry = normalize_registry(registry)
     try:
         prefix: str | None = encode_registry(registry)
     except InvalidReference:
         prefix = None
-    if prefix is not None and decode_registry_component(prefix) == registry:
-        return f"/v2/{prefix}/{repository}/{path}"
-    sep = "&" if "?" in path else "?"
-    return f"/v2/{repository}/{path}{sep}{urlencode({'ns': registry})}"
+    if prefix is not None and decode_registry_component(prefix) != registry:
+        prefix = None
+    return prefix, urlencode({"ns": registry})
 
 
 def parent_url_problem(url: str) -> str | None:
