@@ -75,6 +75,10 @@ Object names.
 {{- end }}
 {{- end }}
 
+{{- define "stowage.cache.adminSecretName" -}}
+{{- printf "%s-cache-admin" (include "stowage.fullname" .) }}
+{{- end }}
+
 {{- define "stowage.agent.serviceAccountName" -}}
 {{- printf "%s-agent" (include "stowage.fullname" .) }}
 {{- end }}
@@ -154,6 +158,37 @@ Security contexts shared by every pod and container.
 {{/*
 --log-level / --log-format flags.
 */}}
+{{/*
+Arguments of a `stowage serve` container (node proxy, cluster cache):
+(dict "ctx" $ "values" .Values.proxy "before" list "after" list); "before" goes after
+--listen, "after" after the registries.
+*/}}
+{{- define "stowage.serveArgs" -}}
+{{- $v := .values -}}
+- serve
+- {{ printf "--listen=0.0.0.0:%d" (int $v.port) | quote }}
+{{- range .before }}
+- {{ . | quote }}
+{{- end }}
+- "--data=/var/lib/stowage"
+{{- with $v.maxSize }}
+- {{ printf "--max-size=%v" . | quote }}
+{{- end }}
+{{- with $v.tagTTL }}
+- {{ printf "--tag-ttl=%v" . | quote }}
+{{- end }}
+{{- range include "stowage.insecureRegistries" .ctx | fromYamlArray }}
+- {{ printf "--insecure-registry=%s" . | quote }}
+{{- end }}
+{{- range .after }}
+- {{ . | quote }}
+{{- end }}
+{{ include "stowage.logArgs" .ctx }}
+{{- range $v.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
 {{- define "stowage.logArgs" -}}
 - {{ printf "--log-level=%s" .Values.log.level | quote }}
 - {{ printf "--log-format=%s" .Values.log.format | quote }}
