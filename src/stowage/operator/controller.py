@@ -165,6 +165,7 @@ class Lifecycle:
     # their watch event arrives, and acting on a stale phase would prefetch twice.
     phase: str | None = None
     written_expiry: dt.datetime | object | None = _UNWRITTEN  # likewise for spec.expiresAt
+    expiring: bool = False  # step's verdict (from its view of expiresAt), for cache()
     retry_at: float = 0.0
     check_at: float = 0.0
     last_used_write: float = -1e9
@@ -227,10 +228,11 @@ class Lifecycle:
             new_expiry = expires = now + dt.timedelta(seconds=self.rt.settings.expiry)
 
         # Status first, so that whoever sees expiresAt also sees the usage that set it.
+        self.expiring = expires is not None and not retain
         phase = self.phase or self.status.get("phase")
-        if expires is not None and not retain and phase == "Cached":
+        if self.expiring and phase == "Cached":
             changes["phase"] = "Expiring"
-        elif (expires is None or retain) and phase == "Expiring":
+        elif not self.expiring and phase == "Expiring":
             changes["phase"] = "Cached"
         if changes:
             await self.set_status(**changes)
@@ -239,7 +241,7 @@ class Lifecycle:
             await self.patch_spec(
                 {"expiresAt": iso(new_expiry) if isinstance(new_expiry, dt.datetime) else None}
             )
-        if expires is not None and not retain:
+        if self.expiring and expires is not None:
             if expires <= now:
                 self.rt.metrics.expired.inc()
                 await self.delete()
@@ -286,9 +288,7 @@ class Lifecycle:
         self.check_at = loop.time() + self.rt.settings.freshness_interval
         log.info("cached", image=source, digest=digest, size=size)
         await self.set_status(
-            phase="Expiring"
-            if self.spec.get("expiresAt") and not self.spec.get("retain")
-            else "Cached",
+            phase="Expiring" if self.expiring else "Cached",
             digest=digest,
             size=size,
             upstreamDigest=digest,
