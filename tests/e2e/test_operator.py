@@ -20,8 +20,10 @@ from tests.support.kube import KubeAPI
 from tests.support.operators import (
     CI_PATH,
     Operator,
+    cached_images,
     create_cached_image,
     install_cluster_objects,
+    wait_cached_image,
 )
 from tests.support.registry import Registry
 from tests.support.stowage import Stowage, run_cli
@@ -66,21 +68,11 @@ class Env:
         return self.kube.ok("POST", f"/api/v1/namespaces/{namespace}/pods", body)  # type: ignore[no-any-return]
 
     def cached_images(self) -> dict[str, dict[str, Any]]:
-        items = self.kube.ok("GET", CI_PATH)["items"]
-        return {i["spec"]["sourceImage"]: i for i in items}
+        return cached_images(self.kube)
 
     def wait_cached_image(self, image: str, check: Any, timeout: float = 60) -> dict[str, Any]:
-        def look() -> dict[str, Any] | None:
-            ci = self.cached_images().get(image)
-            return ci if ci is not None and check(ci) else None
-
-        return wait_until(
-            look,
-            timeout=timeout,
-            interval=0.2,
-            describe=lambda: (
-                f"{image}: {self.cached_images().get(image)}\n" + self.operator.log_tail(30)
-            ),
+        return wait_cached_image(
+            self.kube, image, check, timeout=timeout, log=lambda: self.operator.log_tail(30)
         )
 
 

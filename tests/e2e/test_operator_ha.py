@@ -20,6 +20,7 @@ from tests.support.operators import (
     Operator,
     create_cached_image,
     install_cluster_objects,
+    wait_cached_image,
 )
 from tests.support.registry import Registry
 from tests.support.stowage import Stowage
@@ -146,7 +147,7 @@ def test_one_leader_both_serve_the_webhook_and_the_other_takes_over(
     # Only the leader runs the controllers.
     first = f"{registry.host}/library/app:1"
     create_cached_image(kube, "ha-first", first)
-    ci = _wait_phase(kube, "ha-first", "Cached")
+    ci = wait_cached_image(kube, first, _cached)
     assert ci["status"]["digest"] == images.app.manifest_digest
     assert "ha-first" in leader.log_text() or first in leader.log_text()
     assert first not in follower.log_text()
@@ -155,21 +156,12 @@ def test_one_leader_both_serve_the_webhook_and_the_other_takes_over(
     leader.kill9()
     second = f"{registry.host}/library/dockerv2:1"
     create_cached_image(kube, "ha-second", second)
-    ci = _wait_phase(kube, "ha-second", "Cached", timeout=LIFETIME + 60)
+    ci = wait_cached_image(kube, second, _cached, timeout=LIFETIME + 60)
     assert ci["status"]["digest"] == images.dockerv2.manifest_digest
     assert "Resuming operations" in follower.log_text()
     for name in ("ha-first", "ha-second"):
         kube.request("DELETE", f"{CI_PATH}/{name}")
 
 
-def _wait_phase(kube: KubeAPI, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
-    def look() -> dict[str, Any] | None:
-        status, ci = kube.request("GET", f"{CI_PATH}/{name}")
-        return ci if status == 200 and (ci.get("status") or {}).get("phase") == phase else None
-
-    return wait_until(
-        look,
-        timeout=timeout,
-        interval=0.2,
-        describe=lambda: str(kube.request("GET", f"{CI_PATH}/{name}")[1]),
-    )
+def _cached(ci: dict[str, Any]) -> bool:
+    return (ci.get("status") or {}).get("phase") == "Cached"

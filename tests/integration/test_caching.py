@@ -245,15 +245,6 @@ def index_rows(stowage: Stowage, table: str) -> dict[str, int]:
         con.close()
 
 
-def cache_opened_events(stowage: Stowage) -> list[dict[str, Any]]:
-    """The "cache opened" start-up log events (JSON log), oldest first."""
-    return [
-        json.loads(line)
-        for line in stowage.log_text().splitlines()
-        if line.startswith("{") and '"cache opened"' in line
-    ]
-
-
 def oci_error(body: bytes) -> dict[str, Any]:
     doc = json.loads(body)
     assert isinstance(doc.get("errors"), list) and doc["errors"], doc
@@ -821,7 +812,7 @@ async def test_kill9_mid_fill_leaves_no_partial_blob(
 
     await asyncio.to_thread(stowage.start)
     assert tmp_files(stowage) == []
-    assert cache_opened_events(stowage)[-1]["temp_files_swept"] == 1
+    assert stowage.log_events("cache opened")[-1]["temp_files_swept"] == 1
     assert not blob_file(stowage, digest).exists()
     assert digest not in index_rows(stowage, "blobs")
 
@@ -851,7 +842,7 @@ def test_kill9_after_complete_pull_serves_everything_from_cache(
     stowage.start()
 
     # The index agrees with the files: nothing dropped, nothing adopted, no orphans.
-    opened = cache_opened_events(stowage)
+    opened = stowage.log_events("cache opened")
     assert len(opened) == 2
     assert opened[-1]["rows_dropped"] == 0
     assert opened[-1]["blobs_adopted"] == 0

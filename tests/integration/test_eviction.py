@@ -113,16 +113,8 @@ def ls(st: Stowage) -> list[dict[str, Any]]:
     return rows
 
 
-def log_events(st: Stowage, event: str) -> list[dict[str, Any]]:
-    return [
-        doc
-        for line in st.log_text().splitlines()
-        if line.startswith("{") and (doc := json.loads(line)).get("event") == event
-    ]
-
-
 def evicted_names(st: Stowage) -> list[str]:
-    return [e["image"] for e in log_events(st, "evicted")]
+    return [e["image"] for e in st.log_events("evicted")]
 
 
 def wait_evictions(st: Stowage, count: int, timeout: float = 15.0) -> None:
@@ -399,7 +391,7 @@ def gc_while_pulling(
     grace: float,
 ) -> None:
     started = time.monotonic()
-    [bounded] = log_events(st, "bounded cache")
+    [bounded] = st.log_events("bounded cache")
     fs = os.statvfs(st.data_dir)
     assert bounded["max_size"] == int(fs.f_blocks * fs.f_frsize * 0.9)
     assert indexed(st) == {adopted_digest: adopted_size}

@@ -39,7 +39,6 @@ from tests.integration.test_caching import (
     FakeManifest,
     FakeUpstream,
     blob_file,
-    cache_opened_events,
     client_session,
     get_and_hash,
     oci_error,
@@ -728,7 +727,7 @@ async def test_kill9_during_fills_and_index_writes_restarts_clean(
         assert not any(blob_file(stowage, d).exists() for d in slow)
 
         await asyncio.to_thread(stowage.start)
-        opened = cache_opened_events(stowage)[-1]
+        opened = stowage.log_events("cache opened")[-1]
         assert opened["temp_files_swept"] == len(leftovers)
         await asyncio.to_thread(assert_cache_consistent, stowage.data_dir, all_indexed=True)
         tags = dict(

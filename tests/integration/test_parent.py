@@ -2,7 +2,7 @@
 
 Real processes: the test registry, a parent stowage in front of it, and children that
 also reach the registry directly (``--insecure-registry``) for when the parent cannot
-help. Fake parents (the harness ``fault_server``, ``FakeParent`` below, a junk TCP server)
+help. Fake parents (the harness ``fault_server`` with one canned answer, a junk TCP server)
 stand in for a parent that is down, broken or lying.
 """
 
@@ -14,14 +14,14 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
 import aiohttp
 import pytest
-from aiohttp import web
 
+from stowage.proxy.errors import API_VERSION
+from stowage.upstream.parent import PARENT_BACKOFF, RESULTS
 from tests.conftest import FaultFactory, StowageFactory
 from tests.integration.test_caching import (
     assert_pulled,
@@ -33,7 +33,6 @@ from tests.integration.test_caching import (
     tmp_files,
     until,
 )
-from tests.support.appthread import ThreadedApp
 from tests.support.images import PushedImage, push_image
 from tests.support.regclient import ACCEPT_ALL_MANIFESTS, sha256_digest
 from tests.support.registry import Registry
@@ -43,8 +42,7 @@ from tests.support.util import Service, free_port
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 MANIFEST_HEADERS = {"Accept": ACCEPT_ALL_MANIFESTS}
-API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
-BACKOFF = 5.0  # stowage.upstream.parent.PARENT_BACKOFF
+BACKOFF = PARENT_BACKOFF
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -73,23 +71,8 @@ def pull(stowage: Stowage, registry: Registry, image: PushedImage) -> None:
 
 
 def parent_results(stowage: Stowage) -> dict[str, float]:
-    metrics = stowage.metrics()
-    return {
-        result: sum(
-            v
-            for (name, labels), v in metrics.items()
-            if name == "stowage_parent_requests_total" and ("result", result) in labels
-        )
-        for result in ("ok", "private", "fallback", "skipped", "mismatch")
-    }
-
-
-def log_events(stowage: Stowage, event: str) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for line in stowage.log_text().splitlines()
-        if line.startswith("{") and event in line
-    ]
+    """``stowage_parent_requests_total`` by result."""
+    return {r: stowage.metric("stowage_parent_requests_total", result=r) for r in RESULTS}
 
 
 def auth_file(tmp_path: Path, registry: Registry) -> Path:
@@ -97,50 +80,6 @@ def auth_file(tmp_path: Path, registry: Registry) -> Path:
     secret = base64.b64encode(b"node-user:node-secret").decode()
     path.write_text(json.dumps({"auths": {registry.host: {"auth": secret}}}))
     return path
-
-
-class FakeParent(Service):
-    """A scriptable parent: answers stowage's host-prefixed routes from canned answers,
-    and records every request it receives (with its headers)."""
-
-    def __init__(self) -> None:
-        # path suffix ("manifests/<ref>", "blobs/<digest>") -> (status, headers, body)
-        self.answers: dict[str, tuple[int, dict[str, str], bytes]] = {}
-        self.default: tuple[int, dict[str, str], bytes] = (503, dict(API_VERSION), b"")
-        self._app = ThreadedApp([("*", "/{tail:.*}", self._handle)], name="FakeParent")
-
-    @property
-    def url(self) -> str:
-        return f"http://{self._app.host}"
-
-    @property
-    def seen(self) -> list[Any]:
-        return list(self._app.seen)
-
-    def count(self, path_contains: str) -> int:
-        return self._app.count(path_contains)
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        status, headers, body = next(
-            (answer for suffix, answer in self.answers.items() if request.path.endswith(suffix)),
-            self.default,
-        )
-        return web.Response(
-            status=status, headers=headers, body=None if request.method == "HEAD" else body
-        )
-
-    def start(self) -> Self:
-        self._app.start()
-        return self
-
-    def stop(self) -> None:
-        self._app.stop()
-
-
-@pytest.fixture
-def fake_parent() -> Iterator[FakeParent]:
-    with FakeParent() as server:
-        yield server
 
 
 class JunkServer(Service):
@@ -238,7 +177,7 @@ def test_tag_revalidation_and_tag_list_go_to_the_parent(
     assert child.metric("stowage_upstream_requests") == 0
     assert parent_results(child)["ok"] == 3
     assert parent.metric("stowage_requests", route="tags") == 1
-    head = [e for e in log_events(parent, '"request"') if e["method"] == "HEAD"]
+    head = [e for e in parent.log_events("request") if e["method"] == "HEAD"]
     assert [e["path"] for e in head] == [f"{path}/manifests/1"]
 
 
@@ -266,7 +205,7 @@ def test_dead_parent_child_pulls_directly_then_uses_the_parent_again_after_backo
     assert results["fallback"] == 1, results
     assert results["skipped"] == len(first.blobs), results
     assert results["ok"] == 0, results
-    failures = log_events(child, "parent failed")
+    failures = child.log_events("parent failed: asking registries directly")
     assert len(failures) == 1, failures
     assert failures[0]["parent"] == parent.url
     assert "unreachable" in failures[0]["reason"]
@@ -280,7 +219,7 @@ def test_dead_parent_child_pulls_directly_then_uses_the_parent_again_after_backo
     assert results["ok"] == 1 + len(second.blobs), results
     assert results["fallback"] == 1, results
     assert parent.metric("stowage_requests", route="blobs") == len(second.blobs)
-    assert log_events(child, "parent answers again")
+    assert child.log_events("parent answers again")
 
 
 @pytest.mark.parametrize(
@@ -317,7 +256,7 @@ def test_failing_parent_falls_back_to_the_registry(
     )
     results = parent_results(child)
     assert (results["fallback"], results["skipped"], results["ok"]) == (1, len(image.blobs), 0)
-    (failure,) = log_events(child, "parent failed")
+    (failure,) = child.log_events("parent failed: asking registries directly")
     assert failure["parent"] == fault.url
     assert str(status) in failure["reason"]
 
@@ -338,7 +277,7 @@ def test_parent_answering_junk_falls_back_to_the_registry(
 
 
 async def test_parent_sending_wrong_blob_bytes_is_never_cached(
-    registry: Registry, stowage_factory: StowageFactory, fake_parent: FakeParent
+    registry: Registry, stowage_factory: StowageFactory, fault_server: FaultFactory
 ) -> None:
     image = await asyncio.to_thread(
         push_image, registry, "tiers/lying-blob", "1", layer_sizes=(256 * 1024,)
@@ -347,12 +286,12 @@ async def test_parent_sending_wrong_blob_bytes_is_never_cached(
     good = (await asyncio.to_thread(registry.client().get_blob, image.repository, digest)).body
     wrong = bytearray(good)
     wrong[size // 2] ^= 0xFF
-    fake_parent.answers[f"blobs/{digest}"] = (
-        200,
-        {**API_VERSION, "Docker-Content-Digest": digest},
-        bytes(wrong),
+    parent = fault_server(
+        status=200,
+        headers={**API_VERSION, "Docker-Content-Digest": digest},
+        body=bytes(wrong),
     )
-    child = await asyncio.to_thread(child_of, stowage_factory, fake_parent.url, registry)
+    child = await asyncio.to_thread(child_of, stowage_factory, parent.url, registry)
     since = await asyncio.to_thread(registry.checkpoint)
     url = f"{child.url}/v2/{registry.path_prefix}/{image.repository}/blobs/{digest}"
 
@@ -372,28 +311,30 @@ async def test_parent_sending_wrong_blob_bytes_is_never_cached(
         assert await get_and_hash(session, url) == (200, digest, size)
         await until(lambda: blob_file(child, digest).exists(), 5, "the fill to be committed")
     assert blob_file(child, digest).read_bytes() == good
-    assert fake_parent.count(f"/blobs/{digest}") == 1
+    assert parent.count("*", f"/blobs/{digest}") == 1
     assert await asyncio.to_thread(registry.blob_gets, digest, since=since) == 1
-    failures = await asyncio.to_thread(log_events, child, "parent failed")
+    failures = await asyncio.to_thread(
+        child.log_events, "parent failed: asking registries directly"
+    )
     assert len(failures) == 1 and digest in failures[0]["reason"], failures
 
 
 def test_parent_sending_a_wrong_manifest_falls_back_at_once(
-    registry: Registry, stowage_factory: StowageFactory, fake_parent: FakeParent
+    registry: Registry, stowage_factory: StowageFactory, fault_server: FaultFactory
 ) -> None:
     image = push_image(registry, "tiers/lying-manifest", "1")
     evil = image.manifest_bytes.replace(b'"schemaVersion"', b'"schemaVersion" ', 1)
     assert evil != image.manifest_bytes
-    fake_parent.answers[f"manifests/{image.manifest_digest}"] = (
-        200,
-        {
+    parent = fault_server(
+        status=200,
+        headers={
             **API_VERSION,
             "Content-Type": image.media_type,
             "Docker-Content-Digest": sha256_digest(evil),
         },
-        evil,
+        body=evil,
     )
-    child = child_of(stowage_factory, fake_parent.url, registry)
+    child = child_of(stowage_factory, parent.url, registry)
     since = registry.checkpoint()
 
     path = f"/v2/{registry.path_prefix}/{image.repository}/manifests/{image.manifest_digest}"
@@ -403,10 +344,9 @@ def test_parent_sending_a_wrong_manifest_falls_back_at_once(
     assert resp.header("Docker-Content-Digest") == image.manifest_digest
     assert child.metric("stowage_digest_mismatches") == 1
     assert parent_results(child)["mismatch"] == 1
-    assert fake_parent.count("/manifests/") == 1
+    assert parent.count("*", "/manifests/") == 1
     assert registry.count("GET", f"/manifests/{image.manifest_digest}", since=since) == 1
-    stored = child.data_dir / "blobs" / "sha256" / image.manifest_digest[7:9]
-    assert (stored / image.manifest_digest[7:]).read_bytes() == image.manifest_bytes
+    assert blob_file(child, image.manifest_digest).read_bytes() == image.manifest_bytes
 
 
 # --- what the parent refuses, and whose credentials it gets -------------------------------
@@ -416,51 +356,51 @@ def test_parent_sending_a_wrong_manifest_falls_back_at_once(
 def test_parent_refusing_falls_back_with_own_credentials_never_sent_to_the_parent(
     registry: Registry,
     stowage_factory: StowageFactory,
-    fake_parent: FakeParent,
+    fault_server: FaultFactory,
     tmp_path: Path,
     with_credentials: bool,
 ) -> None:
     image = push_image(registry, "tiers/refused", "1")
-    fake_parent.default = (
-        401,
-        {**API_VERSION, "WWW-Authenticate": 'Basic realm="stowage"'},
-        b'{"errors":[{"code":"UNAUTHORIZED","message":"private"}]}',
+    parent = fault_server(
+        status=401,
+        headers={**API_VERSION, "WWW-Authenticate": 'Basic realm="stowage"'},
+        body=b'{"errors":[{"code":"UNAUTHORIZED","message":"private"}]}',
     )
     kwargs: dict[str, Any] = {}
     if with_credentials:
         kwargs["auth_file"] = auth_file(tmp_path, registry)
-    child = child_of(stowage_factory, fake_parent.url, registry, **kwargs)
+    child = child_of(stowage_factory, parent.url, registry, **kwargs)
 
     pull(child, registry, image)
     # A refusal is no failure: every request still goes to the parent first.
-    assert fake_parent.count(f"/{image.repository}/") == 1 + len(image.blobs)
+    assert parent.count("*", f"/{image.repository}/") == 1 + len(image.blobs)
     results = parent_results(child)
     assert (results["private"], results["fallback"], results["skipped"]) == (
         1 + len(image.blobs),
         0,
         0,
     )
-    assert all("Authorization" not in r.headers for r in fake_parent.seen)
+    assert all("Authorization" not in r.headers for r in parent.requests)
 
 
 @pytest.mark.parametrize("with_credentials", [False, True], ids=["anonymous", "credentials"])
 def test_parent_404_is_final_only_without_credentials(
     registry: Registry,
     stowage_factory: StowageFactory,
-    fake_parent: FakeParent,
+    fault_server: FaultFactory,
     tmp_path: Path,
     with_credentials: bool,
 ) -> None:
     image = push_image(registry, "tiers/hidden", "1")
-    fake_parent.default = (
-        404,
-        dict(API_VERSION),
-        b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"not found upstream"}]}',
+    parent = fault_server(
+        status=404,
+        headers=dict(API_VERSION),
+        body=b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"not found upstream"}]}',
     )
     kwargs: dict[str, Any] = {}
     if with_credentials:
         kwargs["auth_file"] = auth_file(tmp_path, registry)
-    child = child_of(stowage_factory, fake_parent.url, registry, **kwargs)
+    child = child_of(stowage_factory, parent.url, registry, **kwargs)
     since = registry.checkpoint()
 
     resp = child.get(f"/v2/{registry.path_prefix}/{image.repository}/manifests/1", MANIFEST_HEADERS)
@@ -474,7 +414,7 @@ def test_parent_404_is_final_only_without_credentials(
         assert resp.status == 404, resp.body
         assert registry.count("*", f"/{image.repository}/manifests/", since=since) == 0
         assert parent_results(child)["ok"] == 1
-    assert all("Authorization" not in r.headers for r in fake_parent.seen)
+    assert all("Authorization" not in r.headers for r in parent.requests)
 
 
 def test_parent_option_in_serve_help() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -38,6 +38,33 @@ def create_cached_image(kube: KubeAPI, name: str, image: str, *, retain: bool = 
             "metadata": {"name": name},
             "spec": {"sourceImage": image, "retain": retain},
         },
+    )
+
+
+def cached_images(kube: KubeAPI) -> dict[str, dict[str, Any]]:
+    """The CachedImages by source image."""
+    return {i["spec"]["sourceImage"]: i for i in kube.ok("GET", CI_PATH)["items"]}
+
+
+def wait_cached_image(
+    kube: KubeAPI,
+    image: str,
+    check: Callable[[dict[str, Any]], bool],
+    *,
+    timeout: float = 60,
+    log: Callable[[], str] = lambda: "",
+) -> dict[str, Any]:
+    """The CachedImage of ``image`` once ``check`` holds for it."""
+
+    def look() -> dict[str, Any] | None:
+        ci = cached_images(kube).get(image)
+        return ci if ci is not None and check(ci) else None
+
+    return _wait_until(
+        look,
+        timeout=timeout,
+        interval=0.2,
+        describe=lambda: f"{image}: {cached_images(kube).get(image)}\n{log()}",
     )
 
 

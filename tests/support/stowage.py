@@ -7,6 +7,7 @@ CLI contract relied upon: ``serve --listen HOST:PORT --data DIR --insecure-regis
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -180,6 +181,14 @@ class Stowage(Service):
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        """The JSON log lines whose ``event`` is exactly ``event``, parsed, oldest first."""
+        return [
+            doc
+            for line in self.log_text().splitlines()
+            if line.startswith("{") and (doc := json.loads(line)).get("event") == event
+        ]
 
     # --- metrics --------------------------------------------------------------------------
 

@@ -109,11 +109,7 @@ class Upstream:
         self.config = config
         self._on_request = on_request or (lambda registry, status: None)
         # Tried first for every request made with the configured identity (see parent.py).
-        self.parent = (
-            Parent(config.parent, on_result=on_parent)
-            if config.parent
-            else None
-        )
+        self.parent = Parent(config.parent, on_result=on_parent) if config.parent else None
         self._session: aiohttp.ClientSession | None = None
         self._challenges: dict[str, Challenge] = {}
         self._tokens: dict[tuple[str, str, str, str], tuple[str, float]] = {}
