@@ -7,6 +7,7 @@ import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -21,7 +22,6 @@ from pydantic_settings import (
 from stowage.oci.reference import is_valid_registry, normalize_registry
 from stowage.store.gc import SizeLimit, parse_size
 from stowage.units import parse_duration
-from stowage.upstream.parent import parent_url_problem
 
 
 class ConfigError(ValueError):
@@ -158,11 +158,10 @@ class Settings(BaseSettings):
             return None
         if not isinstance(value, str):
             raise ValueError("--parent must be a URL")
-        value = value.strip()
-        problem = parent_url_problem(value)
-        if problem is not None:
-            raise ValueError(f"--parent {value!r} {problem}")
-        return value.rstrip("/")
+        try:
+            return http_url(value)
+        except ValueError as exc:
+            raise ValueError(f"--parent {exc}") from None
 
     @field_validator("max_size", mode="before")
     @classmethod
@@ -229,9 +228,29 @@ def positive_duration(value: Any) -> float:
 
 
 def http_url(value: str) -> str:
-    if not value.startswith(("http://", "https://")):
-        raise ValueError(f"{value!r} is not an http(s) URL")
+    """A service's base URL, ``http(s)://host[:port]``, without a trailing slash."""
+    value = value.strip()
+    problem = _url_problem(value)
+    if problem is not None:
+        raise ValueError(f"{value!r} {problem}")
     return value.rstrip("/")
+
+
+def _url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    if not parts.hostname:
+        return "has no host"
+    if parts.username is not None or parts.password is not None:
+        return "must not contain credentials"
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        return "must be scheme://host[:port] only (no path, query or fragment)"
+    return None
 
 
 def _registry(value: str) -> str:

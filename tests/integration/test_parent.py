@@ -431,4 +431,5 @@ def test_parent_url_is_checked_at_start_up(tmp_path: Path) -> None:
 
     proc = run_cli("serve", "--data", str(tmp_path), "--parent", "parent:7439")
     assert proc.returncode != 0
-    assert "parent" in proc.stderr
+    # The validator's own words (the serving log line would name the parent too).
+    assert "--parent 'parent:7439' must start with http:// or https://" in proc.stderr, proc.stderr

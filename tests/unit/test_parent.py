@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from stowage.proxy.routing import parse_route
-from stowage.settings import ConfigError, load_settings
+from stowage.settings import ConfigError, http_url, load_settings
 from stowage.upstream.parent import (
     EVERY_REGISTRY,
     Answer,
     Parent,
     classify,
     parent_path,
-    parent_url_problem,
 )
 
 # --- routing: the parent must read the same registry and repository back -------------------
@@ -167,7 +167,7 @@ def test_failure_is_logged_once_per_backoff() -> None:
     "url", ["http://parent:7439", "https://stowage.cache.svc", "http://10.0.0.1:7439/"]
 )
 def test_parent_url_accepted(url: str) -> None:
-    assert parent_url_problem(url) is None
+    assert http_url(url) == url.rstrip("/")
 
 
 @pytest.mark.parametrize(
@@ -183,7 +183,8 @@ def test_parent_url_accepted(url: str) -> None:
     ],
 )
 def test_parent_url_refused(url: str) -> None:
-    assert parent_url_problem(url) is not None
+    with pytest.raises(ValueError, match=re.escape(repr(url))):
+        http_url(url)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ import functools
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import aiohttp
 import structlog
@@ -102,24 +102,6 @@ def _routing(registry: str) -> tuple[str | None, str]:
     if prefix is not None and decode_registry_component(prefix) != registry:
         prefix = None
     return prefix, urlencode({"ns": registry})
-
-
-def parent_url_problem(url: str) -> str | None:
-    """Why ``url`` cannot name a parent stowage; None if it can."""
-    try:
-        parts = urlsplit(url)
-        _ = parts.port
-    except ValueError as exc:
-        return f"is not a valid URL ({exc})"
-    if parts.scheme not in ("http", "https"):
-        return "must start with http:// or https://"
-    if not parts.hostname:
-        return "has no host"
-    if parts.username is not None or parts.password is not None:
-        return "must not contain credentials"
-    if parts.path.strip("/") or parts.query or parts.fragment:
-        return "must be scheme://host[:port] only (no path, query or fragment)"
-    return None
 
 
 class Parent:
