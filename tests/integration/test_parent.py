@@ -259,6 +259,10 @@ def test_failing_parent_falls_back_to_the_registry(
     (failure,) = child.log_events("parent failed: asking registries directly")
     assert failure["parent"] == fault.url
     assert str(status) in failure["reason"]
+    # A registry's answer (5xx, 429) backs off the parent for that registry only; anything
+    # that is no registry's answer, for every registry.
+    scoped = API_VERSION.keys() <= headers.keys()
+    assert failure["registry"] == (registry.host if scoped else "*"), failure
 
 
 def test_parent_answering_junk_falls_back_to_the_registry(
